@@ -1,0 +1,3 @@
+from iouctl.cli import main
+
+main()

@@ -1,0 +1,97 @@
+"""What every command shares: error handling at the CLI edge, config composition, the run directory.
+
+Imports stay light (no torch, torchvision, wandb): `iouctl --help` must be instant.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, Optional
+
+import typer
+from rich.console import Console
+
+from iouctl.errors import IouctlError
+
+err_console = Console(stderr=True, highlight=False)
+
+Overrides = typer.Argument(
+    None, metavar="[OVERRIDES]...",
+    help="Hydra overrides: key=value, group=option, +new_key=value (e.g. model=iou_retina optim.lr=0.02).",
+    show_default=False,
+)
+PrintCfg = typer.Option(False, "--cfg", help="Print the composed config and exit.")
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """User-fixable errors from every layer (the data layer's are ValueErrors of their own)."""
+    types: list[type[BaseException]] = [IouctlError, FileNotFoundError]
+    for mod, name in (("iouctl.data.coco", "DatasetError"), ("iouctl.data.detections", "DetectionsFormatError")):
+        m = sys.modules.get(mod)  # only when already imported: never import heavy modules just to catch
+        if m is not None and hasattr(m, name):
+            types.append(getattr(m, name))
+    return tuple(types)
+
+
+@contextmanager
+def user_errors(run_dir: Any = None) -> Iterator[None]:
+    """One line on stderr and a non-zero exit for user errors; the traceback goes to the run's log, not the screen."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        where = f"; run marked INTERRUPTED: {run_dir()}" if run_dir and run_dir() else ""
+        fail(f"interrupted{where}", 130)
+    except Exception as exc:
+        if isinstance(exc, _user_error_types()):
+            msg = str(exc) if not isinstance(exc, FileNotFoundError) else f"no such file or folder: {exc.filename or exc}"
+            fail(msg, getattr(exc, "exit_code", 2))
+        where = f" (traceback in {run_dir()}/log)" if run_dir and run_dir() else ""
+        if where:
+            fail(f"{type(exc).__name__}: {exc}{where}", 1)
+        raise
+
+
+def compose(command: str, overrides: Optional[List[str]], allow_missing: bool = False) -> Any:
+    from iouctl import config
+
+    return config.compose(command, overrides or [], allow_missing=allow_missing)
+
+
+def print_config(cfg: Any) -> None:
+    from iouctl import config
+
+    try:
+        text = config.to_yaml(cfg, resolve=True)
+    except Exception:  # e.g. a ??? value still to be given: show it unresolved
+        text = config.to_yaml(cfg, resolve=False)
+    typer.echo(text, nl=False)
+
+
+def run_experiment(command: str, overrides: Optional[List[str]], print_cfg: bool,
+                   body: Callable[[Any, Any], Any], extra_overrides: Optional[List[str]] = None) -> Any:
+    """Compose `command`'s config, open its run directory, call `body(cfg, run)`; errors become one line."""
+    overrides = list(extra_overrides or []) + list(overrides or [])
+    current: dict[str, Any] = {}
+    with user_errors(lambda: current.get("dir")):
+        cfg = compose(command, overrides, allow_missing=print_cfg)
+        if print_cfg:
+            print_config(cfg)
+            return None
+        from iouctl import config
+        from iouctl.runs import open_run
+
+        logger = config.instantiate(cfg.logger)
+        with open_run(command, str(cfg.name), str(cfg.paths.runs_dir), config.to_yaml(cfg), overrides,
+                      config=config.to_dict(cfg), logger=logger, console=err_console) as run:
+            current["dir"] = run.dir
+            run.console.print(f"[bold]iouctl {command}[/] -> {run.dir}")
+            result = body(cfg, run)
+        err_console.print(f"[green]done[/]: {run.dir}")
+        return result

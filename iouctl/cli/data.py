@@ -1,0 +1,118 @@
+"""`iouctl data ...`: make, check, look at and convert datasets."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from iouctl.cli.common import Overrides, PrintCfg, compose, err_console, print_config, run_experiment, user_errors
+
+data_app = typer.Typer(help="Datasets: generate the built-in one, check a COCO one, preview, convert Pascal VOC.",
+                       no_args_is_help=True)
+
+SPLITS = ("train", "val")
+
+
+def _prepared(overrides: Optional[List[str]]):
+    """Compose `data.yaml`, build the dataset object and prepare it (generate / validate) with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from iouctl import config
+
+    conf = compose("data", overrides)
+    data = config.instantiate(conf.data)
+    with Progress(TextColumn("preparing dataset"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=True) as progress:
+        task = progress.add_task("prepare", total=None)
+        data.prepare(progress=lambda done, total: progress.update(task, completed=done, total=total))
+    return conf, data
+
+
+@data_app.command()
+def generate(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> None:
+    """Generate the built-in dataset (or validate the configured one) into the cache and print where it is."""
+    with user_errors():
+        if cfg:
+            print_config(compose("data", overrides, allow_missing=True))
+            return
+        _, data = _prepared(overrides)
+        _print_summary(data)
+
+
+@data_app.command()
+def check(overrides: Optional[List[str]] = Overrides) -> None:
+    """Validate a dataset's annotations (e.g. data=coco data.root=/data/coco) and report every problem found."""
+    with user_errors():
+        from iouctl.data.coco import validate_coco
+
+        conf = compose("data", overrides)
+        from iouctl import config
+
+        data = config.instantiate(conf.data)
+        if hasattr(data, "cache_dir") and not (Path(data.ann_file("val"))).is_file():
+            data.prepare()
+        bad = False
+        for split in SPLITS:
+            report = validate_coco(data.ann_file(split), data.image_dir(split), skip_bad=True)
+            err_console.print(f"{split}: {report.summary()}")
+            bad |= not report.ok
+        if bad:
+            raise typer.Exit(1)
+
+
+@data_app.command()
+def preview(
+    overrides: Optional[List[str]] = Overrides,
+    split: str = typer.Option("val", "--split", help="train or val"),
+    num_images: int = typer.Option(8, "--num-images", "-n", min=1, max=64, help="Images in the grid."),
+) -> None:
+    """Draw a grid of images with their ground-truth boxes into a run directory (preview_<split>.png)."""
+    if split not in SPLITS:
+        err_console.print(f"[bold red]error:[/] --split {split!r} is not valid; choose one of {', '.join(SPLITS)}")
+        raise typer.Exit(2)
+
+    def body(conf, run):
+        from iouctl import config
+        from iouctl.data.preview import render_preview
+
+        data = config.instantiate(conf.data)
+        data.prepare()
+        out = render_preview(data.dataset(split), run.path(f"preview_{split}.png"), num_images=num_images,
+                             seed=conf.seed)
+        run.log_image(f"preview/{split}", out)
+        run.console.print(f"preview: {out}")
+
+    run_experiment("data", overrides, False, body, extra_overrides=["name=preview"])
+
+
+@data_app.command("convert-voc")
+def convert_voc(
+    voc_root: Path = typer.Argument(..., help="A Pascal VOC folder (Annotations/, ImageSets/Main/, JPEGImages/)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The COCO JSON file to write."),
+    split: str = typer.Option("trainval", "--split", help="An ImageSets/Main/<split>.txt list, e.g. train, val, trainval."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed objects/files and count them."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Convert a Pascal VOC folder (XML) into COCO JSON, usable with data=coco."""
+    with user_errors():
+        from iouctl.data.voc import convert_voc as convert
+
+        path, report = convert(voc_root, split=split, out=out, skip_bad=skip_bad, overwrite=overwrite)
+        err_console.print(f"wrote {path}: {report.summary()}")
+
+
+def _print_summary(data) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"dataset at {data.root}")
+    for col in ("split", "images", "annotations", "annotation file"):
+        table.add_column(col)
+    import json
+
+    for split in SPLITS:
+        ann = Path(data.ann_file(split))
+        d = json.loads(ann.read_text())
+        table.add_row(split, str(len(d.get("images", []))), str(len(d.get("annotations", []))), str(ann))
+    err_console.print(table)
+    err_console.print("classes: " + ", ".join(c["name"] for c in data.categories))

@@ -1,0 +1,176 @@
+"""The only module that knows Hydra: compose a command's config from conf/ and turn Hydra's errors into one line."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from iouctl import schema
+from iouctl.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+COMMAND_CONFIGS = {  # CLI command -> primary config file in conf/
+    "train": "train", "eval": "eval", "nms-ablate": "nms_ablate", "refine": "refine",
+    "bench-pool": "bench_pool", "data": "data", "demo": "demo",
+}
+
+_registered = False
+
+
+def _register_schemas() -> None:
+    global _registered
+    if _registered:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for group, options in schema.GROUP_SCHEMAS.items():
+        for name, node in options.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+    for name, node in schema.PRIMARY_SCHEMAS.items():
+        cs.store(group="schema", name=name, node=node)
+    _registered = True
+
+
+def group_options(group: str) -> list[str]:
+    """The option files of a config group, e.g. group_options("model") -> ["faster_rcnn", "iou_net", ...]."""
+    d = CONF_DIR / group
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def groups() -> list[str]:
+    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+
+
+def compose(command: str, overrides: Sequence[str] = (), allow_missing: bool = False) -> DictConfig:
+    """Compose the primary config of `command` with Hydra overrides; raise ConfigError (one line) when invalid.
+
+    allow_missing: keep required values that are still `???` (for printing the config) instead of failing.
+    """
+    if command not in COMMAND_CONFIGS:
+        raise ConfigError(f"unknown command {command!r}; valid: {', '.join(COMMAND_CONFIGS)}")
+    if not CONF_DIR.is_dir():
+        raise ConfigError(f"config folder {CONF_DIR} is missing; install iouctl from a source checkout (pip install -e .)")
+    _register_schemas()
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name=f"iouctl_{command}"):
+            cfg = hydra_compose(config_name=COMMAND_CONFIGS[command], overrides=overrides, return_hydra_config=True)
+            cfg = _resolved(cfg)
+    except MissingConfigException as exc:
+        raise ConfigError(_missing_option_message(exc)) from None
+    except OverrideParseException as exc:
+        bad = re.search(r"override '([^']*)'", str(exc))
+        raise ConfigError(f"cannot parse override {bad.group(1) if bad else ''!r}: use key=value, group=option, "
+                          f"+new_key=value or ~key") from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_composition_message(exc, command, overrides)) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing and not allow_missing:
+        raise ConfigError(f"missing required value(s) {', '.join(missing)}: give them as overrides, e.g. "
+                          f"{missing[0]}=...")
+    return cfg
+
+
+def _resolved(cfg: DictConfig) -> DictConfig:
+    """Resolve every interpolation now (${hydra:runtime.choices.model}, ${oc.env:...}, ${paths.cache_dir}): they would
+    otherwise fail late and cryptically, and the run's config.yaml must record the values used. Drops `hydra`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(cfg)  # keeps its own copy for the ${hydra:...} resolver
+    try:
+        with open_dict(cfg):
+            del cfg["hydra"]
+        OmegaConf.resolve(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    return cfg
+
+
+def _missing_option_message(exc: Exception) -> str:
+    m = re.search(r"Could not find '([^']+)/([^'/]+)'", str(exc))
+    if m:
+        group, option = m.group(1), m.group(2)
+        valid = group_options(group)
+        return f"unknown option {option!r} for config group {group!r}; valid: {', '.join(valid) or '(none)'}"
+    m = re.search(r"Could not load '([^']+)'", str(exc))
+    if m:
+        return f"no config named {m.group(1)!r}; groups are: {', '.join(groups())}"
+    return _one_line(str(exc))
+
+
+def _composition_message(exc: Exception, command: str, overrides: list[str]) -> str:
+    text = str(exc)
+    cause = exc.__cause__ or exc.__context__
+    m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Could not append to config\. An item is already at '([^']+)'", text)
+    if m or (cause and "not in struct" in str(cause)) or "Key '" in text and "not in struct" in text:
+        key = m.group(1) if m else _key_from(str(cause or text))
+        return _unknown_key_message(command, key)
+    m = re.search(r"Error merging override (\S+)", text)
+    if m and cause is not None:
+        key = getattr(cause, "full_key", None) or m.group(1).split("=")[0].lstrip("+~")
+        reason = _one_line(str(cause).split("\n")[0])
+        return f"invalid value in override {m.group(1)!r} for key {key!r}: {reason}"
+    if "mismatched input" in text or "no viable alternative" in text or "extraneous input" in text:
+        return f"cannot parse overrides {' '.join(overrides)!r}: use key=value, group=option, +new_key=value"
+    return _one_line(text + (f" ({cause})" if cause else ""))
+
+
+def _key_from(text: str) -> str:
+    m = re.search(r"full_key: (\S+)", text) or re.search(r"Key '([^']+)'", text)
+    return m.group(1) if m else "?"
+
+
+def _unknown_key_message(command: str, key: str) -> str:
+    parent, _, leaf = key.rpartition(".")
+    valid = _keys_at(command, parent)
+    where = f"under {parent!r}" if parent else "at the top level"
+    hint = f"; valid keys {where}: {', '.join(valid)}" if valid else ""
+    return f"unknown config key {key!r} for `iouctl {command}`{hint}"
+
+
+def _keys_at(command: str, parent: str) -> list[str]:
+    try:
+        cfg = compose(command, [], allow_missing=True)
+    except ConfigError:
+        return []
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def to_yaml(cfg: DictConfig, resolve: bool = True) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=resolve)
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """Build an object from a config node with `_target_` (None stays None)."""
+    if node is None:
+        return None
+    from hydra.utils import instantiate as hydra_instantiate
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        from iouctl.errors import IouctlError
+
+        if isinstance(cause, IouctlError):
+            raise cause from None
+        if isinstance(cause, ValueError):
+            raise ConfigError(f"{node.get('_target_', '?')}: {_one_line(str(cause))}") from None
+        raise

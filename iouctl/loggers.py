@@ -1,0 +1,133 @@
+"""Mirrors of a run's metrics. metrics.jsonl (written by iouctl.runs) is the source of truth; these only copy it.
+
+Config group `logger/`: `none` (no mirror) and `wandb`. A logger is started by the run with the run directory and the
+resolved config, then receives every metric row, table and image the run logs.
+"""
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import socket
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+WANDB_HOST = "api.wandb.ai"
+
+
+class NullLogger:
+    """No mirror: the console and metrics.jsonl only."""
+
+    def start(self, run_dir: Path, name: str, config: dict) -> None:
+        pass
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        pass
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        pass
+
+    def log_image(self, name: str, path: Path) -> None:
+        pass
+
+    def finish(self, status: str) -> None:
+        pass
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(WANDB_HOST) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 1.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class WandbLogger:
+    """Mirror to Weights & Biases, never blocking on the network.
+
+    mode: "auto" goes online only when credentials exist and the server answers within ~1.5 s, else offline
+    (sync later with `wandb sync <run>/wandb/offline-run-*`); "online" tries for `init_timeout` seconds then falls back
+    to offline; "offline" and "disabled" are wandb's own.
+    """
+
+    def __init__(
+        self,
+        project: str = "iouctl",
+        entity: str | None = None,
+        mode: str = "auto",
+        tags: Sequence[str] = (),
+        group: str | None = None,
+        init_timeout: float = 20.0,
+    ) -> None:
+        valid = ("auto", "online", "offline", "disabled")
+        if mode not in valid:
+            raise ValueError(f"logger.mode={mode!r} is not valid; choose one of {', '.join(valid)}")
+        self.project, self.entity, self.mode = project, entity, mode
+        self.tags, self.group, self.init_timeout = list(tags), group, float(init_timeout)
+        self._run = None
+        self.resolved_mode: str | None = None
+
+    def _resolve_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        if os.environ.get("WANDB_MODE") in ("offline", "disabled", "online"):
+            return os.environ["WANDB_MODE"]
+        return "online" if _has_wandb_credentials() and _reachable(WANDB_HOST) else "offline"
+
+    def start(self, run_dir: Path, name: str, config: dict) -> None:
+        import wandb
+
+        run_dir = Path(run_dir)
+        # wandb's cache, staging and run folders live inside the run directory, never in $HOME.
+        for var, sub in (("WANDB_CACHE_DIR", "wandb/cache"), ("WANDB_DATA_DIR", "wandb/data")):
+            (run_dir / sub).mkdir(parents=True, exist_ok=True)
+            os.environ[var] = str(run_dir / sub)
+        mode = self._resolve_mode()
+        settings = wandb.Settings(
+            silent=True, init_timeout=self.init_timeout, x_disable_stats=True, console="off"
+        )
+        kwargs = dict(
+            project=self.project, entity=self.entity, name=name, dir=str(run_dir), config=config,
+            tags=self.tags or None, group=self.group, settings=settings,
+        )
+        try:
+            self._run = wandb.init(mode=mode, **kwargs)
+        except Exception as exc:  # network or auth trouble: keep the run going offline
+            if mode != "online":
+                raise
+            log.warning("wandb online init failed (%s); logging offline instead", exc)
+            mode = "offline"
+            self._run = wandb.init(mode=mode, **kwargs)
+        self.resolved_mode = mode
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self._run is not None:
+            self._run.log(metrics, step=step)
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        if self._run is not None:
+            import wandb
+
+            self._run.log({name: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+
+    def log_image(self, name: str, path: Path) -> None:
+        if self._run is not None:
+            import wandb
+
+            self._run.log({name: wandb.Image(str(path))})
+
+    def finish(self, status: str) -> None:
+        if self._run is not None:
+            self._run.finish(exit_code=0 if status == "COMPLETED" else 1)
+            self._run = None
