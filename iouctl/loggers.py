@@ -40,7 +40,7 @@ def _has_wandb_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
-        return netrc.netrc().authenticators(WANDB_HOST) is not None
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(WANDB_HOST) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
 

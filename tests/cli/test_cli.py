@@ -1,0 +1,67 @@
+"""The command line: light --help, one-line errors with exit code 2, --cfg, python -m iouctl."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from iouctl.cli import app
+
+runner = CliRunner()
+COMMANDS = ["train", "eval", "nms-ablate", "refine", "bench-pool", "demo", "data"]
+
+
+def test_help_does_not_import_heavy_packages():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from iouctl.cli import app\n"
+        f"for args in [['--help']] + [[c, '--help'] for c in {COMMANDS!r}]:\n"
+        "    r = CliRunner().invoke(app, args)\n"
+        "    assert r.exit_code == 0, (args, r.output)\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'wandb') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_python_dash_m():
+    out = subprocess.run([sys.executable, "-m", "iouctl", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "nms-ablate" in out.stdout and "bench-pool" in out.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "nms-ablate", "refine", "bench-pool", "demo"])
+def test_cfg_prints_the_composed_config(command):
+    r = runner.invoke(app, [command, "--cfg", "seed=7"])
+    assert r.exit_code == 0, r.output
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["seed"] == 7 and "paths" in cfg
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "optim.lr=abc"], "could not be converted to Float"),
+    (["train", "model=nosuch"], "valid: faster_rcnn, iou_net, iou_retina, retina"),
+    (["eval", "nms.nosuch=1"], "unknown config key 'nms.nosuch'"),
+    (["nms-ablate", "data=coco"], "missing required value(s) data.root"),
+    (["bench-pool", "repeats=many"], "'repeats'"),
+    (["data", "generate", "data.seed=x"], "'data.seed'"),
+])
+def test_bad_input_is_one_line_exit_2(args, needle):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.output
+
+
+def test_bad_flag_value_lists_choices():
+    r = runner.invoke(app, ["nms-ablate", "--score", "area"])
+    assert r.exit_code == 2 and all(f"'{c}'" in r.output for c in ("cls", "iou", "fused"))
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "refine"])
+def test_commands_without_detectors_fail_clearly_and_leave_no_run(command, tmp_path):
+    r = runner.invoke(app, [command, f"paths.runs_dir={tmp_path}"])
+    assert r.exit_code == 3
+    assert "not implemented yet" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())

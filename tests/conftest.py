@@ -1,0 +1,19 @@
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_runs(tmp_path, monkeypatch):
+    """Runs go to a fresh folder per test; wandb never sees credentials, so it can only go offline."""
+    monkeypatch.setenv("IOUCTL_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    yield
+
+
+def pytest_configure(config):
+    # One shared cache per test session for generated datasets and compiled kernels (CI starts cold once).
+    os.environ.setdefault("IOUCTL_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "iouctl"))

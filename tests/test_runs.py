@@ -1,0 +1,104 @@
+"""Run directories: contents, statuses, never overwritten, Ctrl-C leaves INTERRUPTED and a readable log."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from iouctl.runs import latest_run, new_run_dir, open_run, read_status
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _open(tmp_path, **kw):
+    return open_run("eval", "t", tmp_path / "runs", "a: 1\n", ["a=1"], config={"a": 1}, **kw)
+
+
+def test_run_directory_contents(tmp_path):
+    with _open(tmp_path) as run:
+        run.log({"loss": 1.5, "nan": float("nan")}, step=3)
+        run.write_json("sub/x.json", {"v": 2})
+        run.console.print("hello from the run")
+        assert read_status(run.dir) == "RUNNING"
+        d = run.dir
+    assert d.parent == tmp_path / "runs" / "eval" and d.name.endswith("_t")
+    assert (d / "config.yaml").read_text() == "a: 1\n"
+    assert "a=1" in (d / "overrides.yaml").read_text()
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["argv"] and meta["host"] and meta["torch"] and "available" in meta["cuda"]
+    assert set(meta["git"]) == {"sha", "dirty"} and meta["status"] == "COMPLETED"
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 3 and rows[0]["loss"] == 1.5 and rows[0]["nan"] is None  # strict JSON
+    assert json.loads((d / "sub" / "x.json").read_text()) == {"v": 2}
+    assert "hello from the run" in (d / "log").read_text()
+    assert read_status(d) == "COMPLETED"
+    assert not list(d.rglob("*.tmp"))  # atomic writes leave no temp files
+
+
+def test_failure_is_recorded_with_traceback(tmp_path):
+    with pytest.raises(ZeroDivisionError):
+        with _open(tmp_path) as run:
+            d = run.dir
+            1 / 0
+    assert read_status(d) == "FAILED"
+    assert "ZeroDivisionError" in (d / "log").read_text()
+
+
+def test_keyboard_interrupt_marks_interrupted(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with _open(tmp_path) as run:
+            d = run.dir
+            raise KeyboardInterrupt
+    assert read_status(d) == "INTERRUPTED"
+
+
+def test_runs_are_never_overwritten(tmp_path):
+    dirs = {new_run_dir(tmp_path, "train", "same") for _ in range(5)}  # same second, same name
+    assert len(dirs) == 5 and all(d.is_dir() for d in dirs)
+
+
+def test_path_cannot_escape_the_run(tmp_path):
+    with _open(tmp_path) as run:
+        with pytest.raises(ValueError, match="escapes"):
+            run.path("..", "elsewhere.txt")
+
+
+def test_latest_run(tmp_path):
+    with _open(tmp_path) as run:
+        first = run.dir
+    time.sleep(1.1)
+    with _open(tmp_path) as run:
+        second = run.dir
+    assert latest_run(tmp_path / "runs", ["eval"]) == second != first
+    assert latest_run(tmp_path / "runs", ["train"]) is None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_in_a_real_process(tmp_path, sig):
+    script = textwrap.dedent(f"""
+        import sys, time
+        from iouctl.runs import open_run
+        with open_run("train", "sig", {str(tmp_path)!r}, "x: 1\\n", []) as run:
+            run.console.print("started")
+            print(run.dir, flush=True)
+            for i in range(600):
+                run.log({{"i": i}}, step=i)
+                time.sleep(0.05)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    run_dir = Path(proc.stdout.readline().strip())
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    assert proc.returncode != 0
+    assert read_status(run_dir) == "INTERRUPTED"
+    log = (run_dir / "log").read_text()
+    assert "started" in log and "interrupted" in log and "status: INTERRUPTED" in log
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert rows and all(json.loads(r)["i"] == k for k, r in enumerate(rows))  # every line whole
