@@ -30,12 +30,13 @@ class ShapesData:
     image_size: int = MISSING
     min_objects: int = MISSING
     max_objects: int = MISSING
-    min_size: int = MISSING
-    max_size: int = MISSING
+    min_size: float = MISSING
+    max_size: float = MISSING
     classes: List[str] = MISSING
     cluster_prob: float = MISSING
     min_visible: float = MISSING
     noise: float = MISSING
+    texture: bool = MISSING
 
 
 @dataclass
@@ -235,6 +236,9 @@ class NmsAblate(_Command):
     methods: List[str] = MISSING
     iou_thresholds: List[float] = MISSING
     cls_weight: float = MISSING
+    soft_sigma: float = MISSING
+    soft_score_threshold: float = MISSING
+    max_per_image: int = MISSING
     eval_backend: str = MISSING
 
 

@@ -1,0 +1,445 @@
+"""COCO-format datasets: validation with precise error reports, a torch Dataset, and the ``CocoData`` config target.
+
+Validation rules (``validate_coco``). Fatal, never skippable (one line naming the file): missing file, broken JSON
+(file:line:col), top level not an object, ``images`` / ``annotations`` / ``categories`` missing or not lists,
+malformed or duplicate categories. Skippable with ``skip_bad=True`` (counted per kind in the report):
+
+- images: missing ``id`` / ``file_name``, bad ``width`` / ``height``, duplicate id, file missing from ``image_dir``
+  (their annotations are dropped too and counted as ``on_skipped_image``);
+- annotations: missing required keys, malformed ``bbox``, non-finite box, zero or negative width/height, box
+  entirely outside its image, unknown category id, unknown image id, duplicate annotation id, bad ``iscrowd``.
+
+Boxes that stick out of the image only partly are kept unchanged (COCO itself has some); nothing is clipped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "val")
+_SHOW_IDS = 3  # offending ids quoted per kind in an error line
+
+# kind -> (description, how its examples are labelled); this order is the order of the report
+IMAGE_KINDS = {
+    "image_missing_keys": ("image entries missing 'id' or 'file_name'", "image ids"),
+    "image_bad_size": ("image entries with a bad 'width'/'height'", "image ids"),
+    "image_duplicate_id": ("image entries with a duplicated id", "image ids"),
+    "missing_file": ("images whose file is missing", "image id: file"),
+}
+ANNOTATION_KINDS = {
+    "missing_keys": ("annotations missing required keys (id, image_id, category_id, bbox)", "ann ids"),
+    "bad_bbox": ("annotations whose bbox is not 4 numbers", "ann ids"),
+    "nonfinite_box": ("boxes with NaN/inf", "ann ids"),
+    "nonpositive_size": ("boxes with zero or negative width/height", "ann ids"),
+    "outside_image": ("boxes entirely outside their image", "ann ids"),
+    "unknown_category": ("annotations with an unknown category id", "ann ids"),
+    "unknown_image": ("annotations pointing at an unknown image id", "ann ids"),
+    "duplicate_id": ("duplicate annotation ids", "ann ids"),
+    "bad_iscrowd": ("annotations whose iscrowd is not 0/1", "ann ids"),
+}
+COCO_KINDS = {**IMAGE_KINDS, **ANNOTATION_KINDS}
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read as asked; the message is one line naming the file and what is wrong."""
+
+
+@dataclass
+class ValidationReport:
+    """What a validation (``validate_coco``, ``convert_voc``) found. ``counts[kind]``: how many bad items of that
+    kind (``kinds`` describes them), ``examples[kind]``: the first offenders (ids, ``#index`` when there is no id,
+    or file names); ``notes``: counts of deliberate, non-error changes (e.g. VOC difficult -> crowd).
+    ``images`` / ``annotations`` / ``categories`` hold the kept (valid) entries."""
+
+    ann_file: Path
+    image_dir: Path | None = None
+    skip_bad: bool = False
+    num_images: int = 0
+    num_annotations: int = 0
+    on_skipped_image: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    notes: dict[str, int] = field(default_factory=dict)
+    kinds: dict[str, tuple[str, str]] = field(default_factory=lambda: dict(COCO_KINDS), repr=False)
+    images: list[dict] = field(default_factory=list, repr=False)
+    annotations: list[dict] = field(default_factory=list, repr=False)
+    categories: list[dict] = field(default_factory=list, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.counts
+
+    @property
+    def num_bad(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, kind: str, ident: str) -> None:
+        if kind not in self.kinds:
+            raise KeyError(f"unknown problem kind {kind!r}")
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        ex = self.examples.setdefault(kind, [])
+        if len(ex) < _SHOW_IDS:
+            ex.append(ident)
+
+    def problems(self) -> str:
+        """Bad items as one clause per kind: '2 boxes with NaN/inf (ann ids 5, 9)'."""
+        parts = []
+        for kind, (desc, what) in self.kinds.items():
+            n = self.counts.get(kind, 0)
+            if n:
+                ids = ", ".join(self.examples[kind])
+                more = ", ..." if n > len(self.examples[kind]) else ""
+                parts.append(f"{n} {desc} ({what} {ids}{more})")
+        return "; ".join(parts)
+
+    def summary(self) -> str:
+        """One line: what was kept and what was skipped."""
+        s = f"{self.ann_file.name}: {self.num_images} images, {self.num_annotations} annotations"
+        s += "".join(f", {n} {k}" for k, n in self.notes.items())
+        if self.ok:
+            return s + ", no problems"
+        verb = "skipped" if self.skip_bad else "found"
+        s += f"; {verb} {self.problems()}"
+        if self.on_skipped_image:
+            s += f"; dropped {self.on_skipped_image} annotations of skipped images"
+        return s
+
+    def to_dict(self) -> dict:
+        return {"ann_file": str(self.ann_file), "image_dir": None if self.image_dir is None else str(self.image_dir),
+                "skip_bad": self.skip_bad, "num_images": self.num_images, "num_annotations": self.num_annotations,
+                "on_skipped_image": self.on_skipped_image, "counts": dict(self.counts),
+                "examples": {k: list(v) for k, v in self.examples.items()}, "notes": dict(self.notes)}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def load_json(path: str | os.PathLike, what: str = "annotation file"):
+    """json.load with one-line errors: missing file, or file:line:col of a syntax error."""
+    path = Path(path)
+    if not path.is_file():
+        hint = "" if path.parent.is_dir() else f" (folder {path.parent} does not exist either)"
+        raise DatasetError(f"{what} not found: {path}{hint}")
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text at byte {e.start}: invalid JSON") from None
+
+
+def validate_coco_dict(data, ann_file: str | os.PathLike, image_dir: str | os.PathLike | None = None,
+                       skip_bad: bool = False) -> ValidationReport:
+    """``validate_coco`` on already-loaded JSON (``ann_file`` only names it in messages)."""
+    ann_file = Path(ann_file)
+    rep = ValidationReport(ann_file=ann_file, image_dir=None if image_dir is None else Path(image_dir),
+                           skip_bad=skip_bad)
+
+    def fatal(msg: str):
+        raise DatasetError(f"{ann_file}: {msg}")
+
+    if not isinstance(data, dict):
+        fatal(f"top level must be a JSON object with 'images', 'annotations', 'categories', got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            fatal(f"missing top-level key '{key}' (a COCO file needs 'images', 'annotations', 'categories')")
+        if not isinstance(data[key], list):
+            fatal(f"'{key}' must be a list, got {type(data[key]).__name__}")
+
+    # categories: fatal on any problem, because ids/labels of everything else depend on them
+    cats = []
+    cat_ids = set()
+    for i, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str):
+            fatal(f"category #{i} needs an integer 'id' and a string 'name', got {c!r:.80}")
+        if c["id"] in cat_ids:
+            fatal(f"duplicate category id {c['id']} (category #{i})")
+        cat_ids.add(c["id"])
+        cats.append(c)
+    rep.categories = cats
+
+    # images
+    files = None
+    if image_dir is not None:
+        image_dir = Path(image_dir)
+        if not image_dir.is_dir():
+            raise DatasetError(f"image folder not found: {image_dir} (images of {ann_file})")
+    images: dict[int, dict] = {}
+    skipped_image_ids: set[int] = set()
+    id_count: dict[int, int] = {}
+    for im in data["images"]:
+        if isinstance(im, dict) and _is_int(im.get("id")):
+            id_count[im["id"]] = id_count.get(im["id"], 0) + 1
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or not _is_int(im.get("id")) or not isinstance(im.get("file_name"), str) \
+                or not im["file_name"]:
+            ident = str(im["id"]) if isinstance(im, dict) and _is_int(im.get("id")) else f"#{i}"
+            rep.add("image_missing_keys", ident)
+            if ident[0] != "#":
+                skipped_image_ids.add(im["id"])
+            continue
+        iid = im["id"]
+        if id_count[iid] > 1:  # every entry of a duplicated id is suspect: which one do annotations mean?
+            rep.add("image_duplicate_id", str(iid))
+            skipped_image_ids.add(iid)
+            continue
+        w, h = im.get("width"), im.get("height")
+        if (w is not None or h is not None) and not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
+            rep.add("image_bad_size", str(iid))
+            skipped_image_ids.add(iid)
+            continue
+        if image_dir is not None:
+            if files is None:
+                files = _list_files(image_dir)
+            if im["file_name"] not in files and not (image_dir / im["file_name"]).is_file():
+                rep.add("missing_file", f"{iid}: {im['file_name']}")
+                skipped_image_ids.add(iid)
+                continue
+        images[iid] = im
+
+    # annotations
+    kept = []
+    ann_ids: set = set()
+    for i, a in enumerate(data["annotations"]):
+        aid = a.get("id") if isinstance(a, dict) else None
+        ident = str(aid) if _is_int(aid) else f"#{i}"
+        if not isinstance(a, dict) or any(k not in a for k in ("id", "image_id", "category_id", "bbox")) \
+                or not _is_int(aid):
+            rep.add("missing_keys", ident)
+            continue
+        if aid in ann_ids:
+            rep.add("duplicate_id", ident)
+            continue
+        ann_ids.add(aid)
+        box = a["bbox"]
+        if not isinstance(box, list) or len(box) != 4 or not all(_is_num(v) for v in box):
+            rep.add("bad_bbox", ident)
+            continue
+        if not all(math.isfinite(v) for v in box):
+            rep.add("nonfinite_box", ident)
+            continue
+        x, y, w, h = box
+        if w <= 0 or h <= 0:
+            rep.add("nonpositive_size", ident)
+            continue
+        if not _is_int(a["category_id"]) or a["category_id"] not in cat_ids:
+            rep.add("unknown_category", ident)
+            continue
+        if a.get("iscrowd", 0) not in (0, 1) or isinstance(a.get("iscrowd", 0), bool):
+            rep.add("bad_iscrowd", ident)
+            continue
+        iid = a["image_id"]
+        if not _is_int(iid) or iid not in images:
+            if _is_int(iid) and iid in skipped_image_ids:
+                rep.on_skipped_image += 1
+            else:
+                rep.add("unknown_image", ident)
+            continue
+        im = images[iid]
+        if "width" in im and (x >= im["width"] or y >= im["height"] or x + w <= 0 or y + h <= 0):
+            rep.add("outside_image", ident)
+            continue
+        kept.append(a)
+
+    rep.images = list(images.values())
+    rep.annotations = kept
+    rep.num_images = len(rep.images)
+    rep.num_annotations = len(kept)
+    if not rep.ok and not skip_bad:
+        raise DatasetError(f"{ann_file}: {rep.num_bad} bad entries: {rep.problems()}; "
+                           "pass skip_bad=true to skip them")
+    return rep
+
+
+def _list_files(image_dir: Path) -> set[str]:
+    """Relative paths of the files directly in image_dir (one listdir instead of one stat per image)."""
+    try:
+        return {e.name for e in os.scandir(image_dir) if not e.is_dir()}
+    except OSError as e:
+        raise DatasetError(f"cannot list image folder {image_dir}: {e.strerror}") from None
+
+
+def validate_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike | None = None,
+                  skip_bad: bool = False) -> ValidationReport:
+    """Check a COCO detection JSON (and, given ``image_dir``, that every image file exists).
+
+    Raises DatasetError (one line: file, what, first offending ids, totals, the skip_bad hint) on bad entries unless
+    ``skip_bad``; then the bad entries are left out of the report's ``images`` / ``annotations`` and counted."""
+    return validate_coco_dict(load_json(ann_file), ann_file, image_dir, skip_bad)
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """Load an image file as float32 Tensor[3, H, W] in [0, 1] (RGB; grey and palette images are converted)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DatasetError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+class CocoDetectionDataset(torch.utils.data.Dataset):
+    """A COCO detection split, one item per (valid) image, images without annotations included.
+
+    Item: ``(image, target)`` with image float32 Tensor[3, H, W] in [0, 1] and target
+    ``{"boxes": float32 Tensor[K, 4] xyxy absolute pixels, "labels": int64 Tensor[K] (dataset category ids),
+    "image_id": int, "iscrowd": int64 Tensor[K]}``. Crowd annotations are included (flagged); a detector's training
+    loss should ignore them, as COCO evaluation does.
+
+    Attributes: ``categories``, ``image_ids`` (list[int], item order), ``report`` (ValidationReport),
+    ``coco_dict()`` (the kept entries as a COCO dict: evaluate against this when ``skip_bad`` dropped anything)."""
+
+    def __init__(self, image_dir: str | os.PathLike, ann_file: str | os.PathLike, skip_bad: bool = False,
+                 report: ValidationReport | None = None):
+        self.image_dir = Path(image_dir)
+        self.ann_file = Path(ann_file)
+        self.report = report if report is not None else validate_coco(self.ann_file, self.image_dir, skip_bad)
+        self.categories = self.report.categories
+        self.images = sorted(self.report.images, key=lambda im: im["id"])
+        self.image_ids = [im["id"] for im in self.images]
+        by_image: dict[int, list[dict]] = {iid: [] for iid in self.image_ids}
+        for a in self.report.annotations:
+            by_image[a["image_id"]].append(a)
+        self._targets = []
+        for iid in self.image_ids:
+            anns = by_image[iid]
+            b = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+            b[:, 2:] += b[:, :2]  # xywh -> xyxy (in float64, then one rounding to float32)
+            self._targets.append((
+                torch.from_numpy(b.astype(np.float32)),
+                torch.tensor([a["category_id"] for a in anns], dtype=torch.int64),
+                torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64),
+            ))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx: int):
+        if not -len(self) <= idx < len(self):
+            raise IndexError(f"index {idx} out of range for a dataset of {len(self)} images")
+        im = self.images[idx]
+        path = self.image_dir / im["file_name"]
+        image = read_image(path)
+        if "width" in im and (image.shape[2], image.shape[1]) != (im["width"], im["height"]):
+            raise DatasetError(f"{path}: image is {image.shape[2]}x{image.shape[1]} but {self.ann_file} says "
+                               f"{im['width']}x{im['height']}")
+        boxes, labels, iscrowd = self._targets[idx]
+        return image, {"boxes": boxes.clone(), "labels": labels.clone(), "image_id": int(im["id"]),
+                       "iscrowd": iscrowd.clone()}
+
+    def coco_dict(self) -> dict:
+        """The kept images / annotations / categories as a COCO dict (for pycocotools ``COCO`` / evaluation)."""
+        return {"images": list(self.images), "annotations": list(self.report.annotations),
+                "categories": list(self.categories)}
+
+    def __repr__(self) -> str:
+        return f"CocoDetectionDataset({self.report.summary()})"
+
+
+def collate_detection(batch: Iterable) -> tuple[list[torch.Tensor], list[dict]]:
+    """[(image, target), ...] -> (list of images [3, H_i, W_i], list of targets): sizes may differ per image."""
+    batch = list(batch)
+    if not batch:
+        raise ValueError("collate_detection: empty batch; expected a list of (image, target) pairs")
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+class CocoData:
+    """Any COCO-format dataset on disk (config target; same interface as ``ShapesData``).
+
+    Args:
+        root: dataset folder; relative ``train_ann`` / ``val_ann`` / ``*_images`` paths resolve under it.
+        train_ann, val_ann: annotation JSON files.
+        train_images, val_images: image folders.
+        skip_bad: skip malformed annotations / missing images (counted in the reports) instead of failing.
+    """
+
+    def __init__(self, root: str, train_ann: str, val_ann: str, train_images: str = "train2017",
+                 val_images: str = "val2017", skip_bad: bool = False):
+        self.root = Path(root).expanduser()
+        self.skip_bad = bool(skip_bad)
+        self._ann = {"train": self.root / train_ann, "val": self.root / val_ann}
+        self._img = {"train": self.root / train_images, "val": self.root / val_images}
+        self._reports: dict[str, ValidationReport] = {}
+        self._categories: list[dict] | None = None
+
+    def _check_split(self, split: str) -> None:
+        if split not in SPLITS:
+            raise DatasetError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+
+    def _check_root(self) -> None:
+        if not self.root.is_dir():
+            raise DatasetError(f"COCO dataset root not found: {self.root}")
+
+    def ann_file(self, split: str) -> Path:
+        self._check_split(split)
+        return self._ann[split]
+
+    def image_dir(self, split: str) -> Path:
+        self._check_split(split)
+        return self._img[split]
+
+    def report(self, split: str) -> ValidationReport:
+        """Validation report of a split (validated once, then cached)."""
+        self._check_split(split)
+        if split not in self._reports:
+            self._check_root()
+            self._reports[split] = validate_coco(self._ann[split], self._img[split], self.skip_bad)
+        return self._reports[split]
+
+    def prepare(self, progress: Callable[[int, int], object] | None = None) -> None:
+        """Validate both splits (raises DatasetError unless skip_bad) and check they share categories."""
+        self._check_root()
+        for i, split in enumerate(SPLITS):
+            self.report(split)
+            if progress is not None:
+                progress(i + 1, len(SPLITS))
+        a, b = (sorted((c["id"], c["name"]) for c in self._reports[s].categories) for s in SPLITS)
+        if a != b:
+            raise DatasetError(f"{self._ann['train']} and {self._ann['val']} have different categories; "
+                               "train and val must share category ids and names")
+
+    @property
+    def categories(self) -> list[dict]:
+        """COCO categories [{"id", "name", ...}] (read from the val file, the smaller one in COCO)."""
+        if self._categories is None:
+            if "val" in self._reports:
+                self._categories = self._reports["val"].categories
+            else:
+                self._check_root()
+                data = load_json(self._ann["val"])
+                cats = data.get("categories") if isinstance(data, dict) else None
+                if not isinstance(cats, list):
+                    raise DatasetError(f"{self._ann['val']}: missing top-level list 'categories'")
+                self._categories = cats
+        return self._categories
+
+    @property
+    def num_classes(self) -> int:
+        """Number of categories (category ids need not be contiguous: map them, e.g. via ``categories``)."""
+        return len(self.categories)
+
+    def dataset(self, split: str) -> CocoDetectionDataset:
+        rep = self.report(split)
+        return CocoDetectionDataset(self._img[split], self._ann[split], self.skip_bad, report=rep)
+
+    def __repr__(self) -> str:
+        return f"CocoData(root={str(self.root)!r}, ann={ {k: str(v) for k, v in self._ann.items()} })"
