@@ -127,8 +127,10 @@ def _json_safe(value: Any) -> Any:
 class Run:
     """A run directory plus its console, metrics file and logger mirror. Create with :func:`open_run`."""
 
-    def __init__(self, dir: Path, command: str, name: str, console: TeeConsole, logger: Any) -> None:
+    def __init__(self, dir: Path, command: str, name: str, console: TeeConsole, logger: Any,
+                 owns_console: bool = True) -> None:
         self.dir = dir
+        self._owns_console = owns_console
         self.command = command
         self.name = name
         self.console = console
@@ -181,9 +183,31 @@ class Run:
             console=self.console.terminal, transient=transient,
         )
 
+    def child(self, name: str) -> "Run":
+        """A step of a composite command (demo): its own folder and metrics.jsonl inside this run, the same console,
+        and metric names prefixed with `name/` in the logger mirror."""
+        d = self.path(name, "metrics.jsonl").parent
+        return Run(d, self.command, f"{self.name}/{name}", self.console, _PrefixedLogger(self.logger, name),
+                   owns_console=False)
+
     def close(self) -> None:
         self._metrics.close()
-        self.console.close()
+        if self._owns_console:
+            self.console.close()
+
+
+class _PrefixedLogger:
+    def __init__(self, logger: Any, prefix: str) -> None:
+        self.logger, self.prefix = logger, prefix
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.logger.log({f"{self.prefix}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        self.logger.log_table(f"{self.prefix}/{name}", columns, rows)
+
+    def log_image(self, name: str, path: Path) -> None:
+        self.logger.log_image(f"{self.prefix}/{name}", path)
 
 
 def new_run_dir(runs_dir: Path, command: str, name: str) -> Path:

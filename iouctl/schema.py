@@ -276,9 +276,7 @@ class Data(_Command):
 @dataclass
 class Demo(_Command):
     data: Any = MISSING
-    eval_backend: str = MISSING
-    synthetic_seed: int = MISSING
-    bench_pool: Any = MISSING
+    steps: List[str] = MISSING
 
 
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {

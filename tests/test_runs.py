@@ -102,3 +102,17 @@ def test_signal_in_a_real_process(tmp_path, sig):
     assert "started" in log and "interrupted" in log and "status: INTERRUPTED" in log
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert rows and all(json.loads(r)["i"] == k for k, r in enumerate(rows))  # every line whole
+
+
+def test_child_run_for_composite_commands(tmp_path):
+    with _open(tmp_path) as run:
+        child = run.child("step")
+        child.log({"x": 1.0})
+        child.write_text("out.md", "# hi\n")
+        child.console.print("from the step")
+        child.close()
+        run.log({"y": 2.0})
+    assert (run.dir / "step" / "out.md").read_text() == "# hi\n"
+    assert json.loads((run.dir / "step" / "metrics.jsonl").read_text())["x"] == 1.0
+    assert json.loads((run.dir / "metrics.jsonl").read_text())["y"] == 2.0
+    assert "from the step" in (run.dir / "log").read_text()

@@ -95,6 +95,10 @@ def refine(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> 
     _needs_detector("refine", overrides, cfg)
 
 
+# `bench-pool --quick` and the demo's pooling step: seconds, not minutes, on a 2-core CPU.
+QUICK_BENCH = ["feature_shape=[1,64,64,64]", "num_rois=[128]", "roi_sizes=[32,128]", "repeats=3"]
+
+
 class Impl(str, Enum):
     all = "all"
     prroi = "prroi"
@@ -113,7 +117,7 @@ def bench_pool(
     """Time RoI pooling ops (forward, forward+backward) over RoI counts and sizes; ratios to roi_align."""
     extra = [] if impl is Impl.all else [f"impls=[{impl.value}]"]
     if quick:
-        extra += ["feature_shape=[1,64,64,64]", "num_rois=[128]", "roi_sizes=[32,128]", "repeats=3"]
+        extra += QUICK_BENCH
 
     def body(conf, run):
         from iouctl.engine.bench_pool import bench_pool_from_config
@@ -125,13 +129,26 @@ def bench_pool(
 
 @app.command()
 def demo(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> None:
-    """The study on the built-in dataset in one command (CPU): dataset, evaluation, NMS ablation, pooling bench."""
+    """The study on the built-in dataset in one command (CPU): dataset, NMS ablation, pooling bench, report.md."""
+    shared = [o for o in (overrides or []) if _key(o).split(".")[0] in ("data", "paths", "logger", "seed")]
+    steps: dict = {}
+    if not cfg:
+        with user_errors():  # a bad override of a step fails before any run directory is made
+            from iouctl.cli.common import compose
+
+            steps["ablate"] = compose("nms-ablate", ["synthetic=true", *shared])
+            steps["bench"] = compose("bench-pool", [*QUICK_BENCH, *[o for o in shared if not _key(o).startswith("data")]])
+
     def body(conf, run):
         from iouctl.engine.demo import demo as run_demo
 
-        return run_demo(conf, run)
+        return run_demo(conf, run, steps["ablate"], steps["bench"])
 
     run_experiment("demo", overrides, cfg, body)
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def main() -> None:

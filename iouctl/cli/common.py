@@ -13,7 +13,8 @@ from rich.console import Console
 
 from iouctl.errors import IouctlError
 
-err_console = Console(stderr=True, highlight=False)
+# Piped or captured output gets 120 columns rather than rich's 80, so result tables stay readable in logs.
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
 
 Overrides = typer.Argument(
     None, metavar="[OVERRIDES]...",

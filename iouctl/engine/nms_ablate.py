@@ -1,0 +1,231 @@
+"""`iouctl nms-ablate`: NMS arms on cached raw detections, AP at strict IoU thresholds and score-vs-IoU correlations."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+
+from iouctl.analysis import (
+    AP_KEYS, ap_deltas, correlations, evaluate, plot_ap_vs_threshold, plot_score_vs_iou, synthesize_detections,
+    true_iou,
+)
+from iouctl.data.detections import Detections
+from iouctl.errors import ConfigError, IouctlError
+from iouctl.postprocess.suppression import SCORES, GreedyNMS, IoUGuidedNMS, SoftNMS, ranking_score
+
+METHODS = ("greedy", "iou-guided", "soft-linear", "soft-gaussian")
+TABLE_KEYS = ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90")
+DETECTION_COMMANDS = ("eval", "train")
+
+
+@dataclass
+class Arm:
+    name: str
+    nms: Any          # a postprocess.suppression arm
+    needs_iou: bool
+
+
+def build_arms(methods, scores, thresholds, cls_weight, soft_sigma, soft_score_threshold, max_per_image) -> list[Arm]:
+    """The grid: greedy x scores x thresholds, iou-guided x thresholds, soft-linear x scores x thresholds,
+    soft-gaussian x scores (its decay has no threshold)."""
+    bad = [m for m in methods if m not in METHODS] + [s for s in scores if s not in SCORES]
+    if bad:
+        raise ConfigError(f"unknown NMS method/score {', '.join(map(repr, bad))}; methods: {', '.join(METHODS)}; "
+                          f"scores: {', '.join(SCORES)}")
+    arms: list[Arm] = []
+    for method in methods:
+        if method == "iou-guided":
+            arms += [Arm(f"iou-guided@{t:g}", IoUGuidedNMS(t, max_per_image), True) for t in thresholds]
+            continue
+        for score in scores:
+            if method == "greedy":
+                arms += [Arm(f"greedy[{score}]@{t:g}", GreedyNMS(t, score, cls_weight, max_per_image), score != "cls")
+                         for t in thresholds]
+            elif method == "soft-linear":
+                arms += [Arm(f"soft-linear[{score}]@{t:g}",
+                             SoftNMS("linear", soft_sigma, t, soft_score_threshold, score, cls_weight, max_per_image),
+                             score != "cls") for t in thresholds]
+            else:
+                arms.append(Arm(f"soft-gaussian[{score}]",
+                                SoftNMS("gaussian", soft_sigma, 0.0, soft_score_threshold, score, cls_weight,
+                                        max_per_image), score != "cls"))
+    return arms
+
+
+def arm_name(nms: Any) -> str:
+    if isinstance(nms, IoUGuidedNMS):
+        return f"iou-guided@{nms.iou_threshold:g}"
+    if isinstance(nms, SoftNMS):
+        return f"soft-{nms.method}[{nms.score}]" + (f"@{nms.iou_threshold:g}" if nms.method == "linear" else "")
+    return f"greedy[{nms.score}]@{nms.iou_threshold:g}"
+
+
+def find_detections(run: str | None, runs_dir: str, split: str) -> Path:
+    """The raw detections file of `run` (a run folder or an .npz file), or of the latest completed eval/train run."""
+    from iouctl.runs import latest_run
+
+    if run is None:
+        latest = None
+        for command in DETECTION_COMMANDS:
+            cand = latest_run(runs_dir, [command])
+            if cand is not None and (cand / "detections" / f"{split}.npz").is_file():
+                latest = cand if latest is None or cand.name > latest.name else latest
+        if latest is None:
+            raise IouctlError(f"no completed eval/train run with raw detections under {runs_dir}; run `iouctl eval`, "
+                              f"pass run=<dir>, or use --synthetic")
+        return latest / "detections" / f"{split}.npz"
+    path = Path(run).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise IouctlError(f"run={run}: no such run folder or detections file")
+    f = path / "detections" / f"{split}.npz"
+    if not f.is_file():
+        raise IouctlError(f"run={run} has no raw detections for split {split!r} ({f} is missing)")
+    return f
+
+
+def _fmt(v: float, pct: bool = True) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * v:.1f}" if pct else f"{v:+.1f}"
+
+
+def nms_ablate(cfg: Any, run: Any) -> dict:
+    from iouctl import config
+
+    data = config.instantiate(cfg.data)
+    data.prepare()
+    gt = data.ann_file(cfg.split)
+    if cfg.synthetic:
+        dets = synthesize_detections(gt, seed=int(cfg.seed))
+        dets.meta.update(model="synthetic", split=cfg.split, gt=str(gt))
+        dets.save(run.path("detections", f"{cfg.split}.npz"))  # so later runs can use run=<this run>
+        source = f"synthesized from {gt} (seed {cfg.seed})"
+    else:
+        path = find_detections(cfg.run, cfg.paths.runs_dir, cfg.split)
+        dets = Detections.load(path)
+        source = str(path)
+    run.console.print(f"detections: {len(dets)} raw boxes, {len(dets.image_index())} images, "
+                      f"predicted IoU: {'yes' if dets.has_ious else 'no'} ({source})")
+
+    baseline = config.instantiate(cfg.nms)
+    base_name = arm_name(baseline)
+    arms = build_arms(cfg.methods, cfg.scores, cfg.iou_thresholds, cfg.cls_weight, cfg.soft_sigma,
+                      cfg.soft_score_threshold, cfg.max_per_image)
+    arms = [Arm(base_name, baseline, not isinstance(baseline, GreedyNMS) or baseline.score != "cls")] + \
+        [a for a in arms if a.name != base_name]
+    if not dets.has_ious:
+        skipped = [a.name for a in arms if a.needs_iou]
+        if skipped:
+            run.console.print(escape(f"skipped {len(skipped)} arm(s) that need predicted IoUs (the model has no IoU "
+                                     f"head): {', '.join(skipped)}"), style="yellow")
+        if arms[0].needs_iou:
+            raise IouctlError(f"the baseline {base_name} needs predicted IoUs, but these detections have none")
+        arms = [a for a in arms if not a.needs_iou]
+        if len(arms) == 1 and (len(cfg.methods) < len(METHODS) or len(cfg.scores) < len(SCORES)):
+            raise IouctlError("every selected arm needs predicted IoUs, but these detections come from a model "
+                              "without an IoU head; use detections of iou_retina/iou_net or --score cls")
+
+    # Correlations of each score with the true IoU, before NMS.
+    tiou = true_iou(gt, dets)
+    raw_scores = {"cls": dets.scores}
+    if dets.has_ious:
+        raw_scores["iou"] = dets.ious
+        raw_scores["fused"] = ranking_score(dets, "fused", cfg.cls_weight)
+    corr_before = correlations(tiou, raw_scores)
+
+    rows, curves = [], {}
+    base_metrics = None
+    t0 = time.perf_counter()
+    with run.progress() as progress:
+        task = progress.add_task("NMS arms", total=len(arms))
+        for arm in arms:
+            t_arm = time.perf_counter()
+            kept = arm.nms.keep(dets)
+            out = kept.apply(dets)
+            metrics = evaluate(gt, out, backend=cfg.eval_backend)
+            base_metrics = base_metrics or metrics
+            after_scores = {"cls": dets.scores[kept.index], "reported": kept.scores}
+            if dets.has_ious:
+                after_scores["iou"] = dets.ious[kept.index]
+            corr_after = correlations(tiou[kept.index], after_scores)
+            deltas = ap_deltas(base_metrics, metrics)
+            row = {"arm": arm.name, "kept": int(len(kept.index)), **{k: metrics[k] for k in AP_KEYS},
+                   **{f"d{k}": deltas[k] for k in TABLE_KEYS},
+                   **{f"pearson_{k}_after": v["pearson"] for k, v in corr_after.items()},
+                   "seconds": time.perf_counter() - t_arm}
+            rows.append(row)
+            curves[arm.name] = metrics["ap_per_threshold"]
+            run.log({f"{arm.name}/{k}": row[k] for k in ("AP", "AP50", "AP75", "AP90", "dAP", "dAP90")})
+            progress.advance(task)
+    elapsed = time.perf_counter() - t0
+
+    summary = {"source": source, "baseline": base_name, "num_detections": len(dets), "arms": rows,
+               "correlation_before_nms": corr_before, "ap_per_threshold": curves, "seconds": elapsed}
+    _write_outputs(run, rows, summary, corr_before)
+    plots = run.path("plots")
+    ap_png = plot_ap_vs_threshold(curves, plots / "ap_vs_iou_threshold.png")["path"]
+    sc_png = plot_score_vs_iou(tiou, raw_scores, plots / "score_vs_true_iou.png", seed=int(cfg.seed))["path"]
+    run.log_image("plots/ap_vs_iou_threshold", ap_png)
+    run.log_image("plots/score_vs_true_iou", sc_png)
+    run.log({f"corr_before/{s}/{m}": v for s, c in corr_before.items() for m, v in c.items()})
+    _print(run, rows, corr_before, base_name, elapsed)
+    return summary
+
+
+def _table_rows(rows: list[dict]) -> tuple[list[str], list[list[Any]]]:
+    cols = ["arm", *TABLE_KEYS, "dAP", "dAP50", "dAP80", "dAP90", "kept"]
+    return cols, [[r[c] for c in cols] for r in rows]
+
+
+def _write_outputs(run: Any, rows: list[dict], summary: dict, corr_before: dict) -> None:
+    keys = list(rows[0])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    run.write_text("results.csv", buf.getvalue())
+    run.write_json("results.json", summary)
+    cols, table = _table_rows(rows)
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in table:
+        md.append("| " + " | ".join(_cell(c, v) for c, v in zip(cols, r)) + " |")
+    md += ["", "Correlation with the true IoU, before NMS:", "", "| score | Pearson | Spearman | Kendall |",
+           "|---|---|---|---|"]
+    md += [f"| {s} | {c['pearson']:.3f} | {c['spearman']:.3f} | {c['kendall']:.3f} |" for s, c in corr_before.items()]
+    run.write_text("results.md", "\n".join(md) + "\n")
+    run.log_table("nms_ablation", cols, table)
+
+
+def _cell(col: str, v: Any) -> str:
+    if col in ("arm", "kept"):
+        return str(v)
+    return _fmt(v) if not col.startswith("d") else ("-" if v is None or math.isnan(v) else f"{100 * v:+.1f}")
+
+
+def _print(run: Any, rows: list[dict], corr_before: dict, base_name: str, elapsed: float) -> None:
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    cols = ["arm", *TABLE_KEYS, "dAP", "dAP90"]  # the screen's share; files have every column
+    t = Table(title=escape(f"NMS ablation (AP in %, deltas vs {base_name})"), box=box.SIMPLE_HEAD, pad_edge=False)
+    for c in cols:
+        t.add_column(c, justify="left" if c == "arm" else "right", no_wrap=True)
+    for r in rows:
+        t.add_row(*[escape(_cell(c, r[c])) for c in cols])  # arm names hold [score], not markup
+    run.console.print(t)
+    ct = Table(title="correlation with the true IoU (raw detections, before NMS)")
+    for c in ("score", "Pearson", "Spearman", "Kendall"):
+        ct.add_column(c, justify="right")
+    for s, c in corr_before.items():
+        ct.add_row(s, *(f"{c[k]:.3f}" for k in ("pearson", "spearman", "kendall")))
+    run.console.print(ct)
+    run.console.print(f"{len(rows)} arms in {elapsed:.1f} s; files: results.csv, results.md, results.json, plots/")

@@ -1,0 +1,139 @@
+"""NMS arms on cached raw detections (config group `nms/`): greedy by any score, IoU-guided (IoU-Net Alg. 1), Soft-NMS.
+
+Every arm works per image and per class, exactly (no coordinate-offset trick), in one kernel call for all images. An arm returns the rows it keeps and the
+score it reports for each: the ranking score for greedy and Soft-NMS (decayed for Soft-NMS), the cluster's best
+classification score for IoU-guided NMS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from iouctl.data.detections import Detections
+from iouctl.errors import IouctlError
+
+SCORES = ("cls", "iou", "fused")
+
+
+class NoPredictedIoU(IouctlError):
+    """IoU-based arms on detections of a model without an IoU head."""
+
+
+def ranking_score(dets: Detections, score: str, cls_weight: float = 0.5) -> Tensor:
+    """The score an arm ranks by: cls, the predicted IoU, or the fused cls^w * IoU^(1-w) (IoU-aware detector)."""
+    if score not in SCORES:
+        raise ValueError(f"score={score!r} is not valid; choose one of {', '.join(SCORES)}")
+    if score == "cls":
+        return dets.scores
+    if dets.ious is None:
+        model = dets.meta.get("model", "this model")
+        raise NoPredictedIoU(f"score={score!r} needs predicted IoUs, but the detections of {model} have none (no IoU "
+                             f"head); use a model with one (iou_retina, iou_net) or score=cls")
+    if score == "iou":
+        return dets.ious
+    from iouctl.ops.nms import iou_aware_score
+
+    return iou_aware_score(dets.scores, dets.ious, cls_weight=cls_weight)
+
+
+@dataclass
+class Kept:
+    index: Tensor   # int64 [K] rows of the input detections, per image in decreasing reported score
+    scores: Tensor  # float32 [K] the score each kept detection reports
+
+    def apply(self, dets: Detections) -> Detections:
+        out = dets.select(self.index)
+        out.scores = self.scores.to(out.scores.dtype)
+        return out
+
+
+class _PerImageNMS:
+    max_per_image: int
+
+    def _groups(self, dets: Detections, groups: Tensor) -> tuple[Tensor, Tensor]:
+        """(kept rows, reported scores) of the arm run independently within each group id."""
+        raise NotImplementedError
+
+    def keep(self, dets: Detections) -> Kept:
+        """Run the arm per (image, class) in one kernel call; then the `max_per_image` best reported scores of each
+        image, image by image, best first."""
+        if len(dets) == 0:
+            return Kept(torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+        pairs = torch.stack([dets.image_ids, dets.labels], dim=1)
+        groups = torch.unique(pairs, dim=0, return_inverse=True)[1]
+        k, s = self._groups(dets, groups)
+        order = torch.sort(s, descending=True, stable=True).indices
+        order = order[torch.sort(dets.image_ids[k[order]], stable=True).indices]  # by image, best first within
+        img = dets.image_ids[k[order]]
+        first = torch.ones_like(img, dtype=torch.bool)
+        first[1:] = img[1:] != img[:-1]
+        start = torch.cummax(torch.where(first, torch.arange(len(img)), 0), 0).values
+        order = order[(torch.arange(len(img)) - start) < self.max_per_image]
+        return Kept(k[order], s[order])
+
+    def __call__(self, dets: Detections) -> Detections:
+        return self.keep(dets).apply(dets)
+
+
+def _check_threshold(iou_threshold: float) -> None:
+    if not 0.0 <= iou_threshold <= 1.0:
+        raise ValueError(f"nms.iou_threshold must be in [0, 1], got {iou_threshold}")
+
+
+class GreedyNMS(_PerImageNMS):
+    """Greedy NMS per class, ranked by `score` (cls: the usual baseline); reports the ranking score."""
+
+    def __init__(self, iou_threshold: float = 0.5, score: str = "cls", cls_weight: float = 0.5,
+                 max_per_image: int = 100) -> None:
+        _check_threshold(iou_threshold)
+        if score not in SCORES:
+            raise ValueError(f"nms.score={score!r} is not valid; choose one of {', '.join(SCORES)}")
+        self.iou_threshold, self.score, self.cls_weight, self.max_per_image = iou_threshold, score, cls_weight, max_per_image
+
+    def _groups(self, dets: Detections, groups: Tensor) -> tuple[Tensor, Tensor]:
+        from iouctl.ops.nms import batched_iou_guided_nms
+
+        s = ranking_score(dets, self.score, self.cls_weight)
+        # Greedy NMS ranked by s is IoU-guided NMS with s as the "IoU": the same keep set, exact per group.
+        keep, _ = batched_iou_guided_nms(dets.boxes, s, s, groups, self.iou_threshold)
+        return keep, s[keep]
+
+
+class IoUGuidedNMS(_PerImageNMS):
+    """IoU-Net Alg. 1: rank by predicted IoU, each kept box reports the best cls score of the boxes it suppressed."""
+
+    def __init__(self, iou_threshold: float = 0.5, max_per_image: int = 100) -> None:
+        _check_threshold(iou_threshold)
+        self.iou_threshold, self.max_per_image = iou_threshold, max_per_image
+
+    def _groups(self, dets: Detections, groups: Tensor) -> tuple[Tensor, Tensor]:
+        from iouctl.ops.nms import batched_iou_guided_nms
+
+        ious = ranking_score(dets, "iou")
+        return batched_iou_guided_nms(dets.boxes, dets.scores, ious, groups, self.iou_threshold)
+
+
+class SoftNMS(_PerImageNMS):
+    """Soft-NMS (Bodla et al.) per class on the ranking score; reports the decayed score."""
+
+    def __init__(self, method: str = "gaussian", sigma: float = 0.5, iou_threshold: float = 0.3,
+                 score_threshold: float = 0.001, score: str = "cls", cls_weight: float = 0.5,
+                 max_per_image: int = 100) -> None:
+        if method not in ("linear", "gaussian"):
+            raise ValueError(f"nms.method={method!r} is not valid; choose linear or gaussian")
+        if sigma <= 0:
+            raise ValueError(f"nms.sigma must be > 0, got {sigma}")
+        _check_threshold(iou_threshold)
+        if score not in SCORES:
+            raise ValueError(f"nms.score={score!r} is not valid; choose one of {', '.join(SCORES)}")
+        self.method, self.sigma, self.iou_threshold, self.score_threshold = method, sigma, iou_threshold, score_threshold
+        self.score, self.cls_weight, self.max_per_image = score, cls_weight, max_per_image
+
+    def _groups(self, dets: Detections, groups: Tensor) -> tuple[Tensor, Tensor]:
+        from iouctl.ops.nms import batched_soft_nms
+
+        s = ranking_score(dets, self.score, self.cls_weight)
+        return batched_soft_nms(dets.boxes, s, groups, method=self.method, sigma=self.sigma,
+                                iou_threshold=self.iou_threshold, score_threshold=self.score_threshold)
