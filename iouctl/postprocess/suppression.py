@@ -33,7 +33,7 @@ def ranking_score(dets: Detections, score: str, cls_weight: float = 0.5) -> Tens
                              f"head); use a model with one (iou_retina, iou_net) or score=cls")
     if score == "iou":
         return dets.ious
-    from iouctl.ops.nms import iou_aware_score
+    from iouctl.ops import iou_aware_score
 
     return iou_aware_score(dets.scores, dets.ious, cls_weight=cls_weight)
 
@@ -93,7 +93,7 @@ class GreedyNMS(_PerImageNMS):
         self.iou_threshold, self.score, self.cls_weight, self.max_per_image = iou_threshold, score, cls_weight, max_per_image
 
     def _groups(self, dets: Detections, groups: Tensor) -> tuple[Tensor, Tensor]:
-        from iouctl.ops.nms import batched_iou_guided_nms
+        from iouctl.ops import batched_iou_guided_nms
 
         s = ranking_score(dets, self.score, self.cls_weight)
         # Greedy NMS ranked by s is IoU-guided NMS with s as the "IoU": the same keep set, exact per group.
@@ -109,7 +109,7 @@ class IoUGuidedNMS(_PerImageNMS):
         self.iou_threshold, self.max_per_image = iou_threshold, max_per_image
 
     def _groups(self, dets: Detections, groups: Tensor) -> tuple[Tensor, Tensor]:
-        from iouctl.ops.nms import batched_iou_guided_nms
+        from iouctl.ops import batched_iou_guided_nms
 
         ious = ranking_score(dets, "iou")
         return batched_iou_guided_nms(dets.boxes, dets.scores, ious, groups, self.iou_threshold)
@@ -132,7 +132,7 @@ class SoftNMS(_PerImageNMS):
         self.score, self.cls_weight, self.max_per_image = score, cls_weight, max_per_image
 
     def _groups(self, dets: Detections, groups: Tensor) -> tuple[Tensor, Tensor]:
-        from iouctl.ops.nms import batched_soft_nms
+        from iouctl.ops import batched_soft_nms
 
         s = ranking_score(dets, self.score, self.cls_weight)
         return batched_soft_nms(dets.boxes, s, groups, method=self.method, sigma=self.sigma,
