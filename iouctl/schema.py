@@ -260,12 +260,13 @@ class BenchPool(_Command):
     impls: List[str] = MISSING
     devices: List[str] = MISSING
     feature_shape: List[int] = MISSING
+    stride: int = MISSING
     output_size: int = MISSING
     num_rois: List[int] = MISSING
-    roi_sizes: List[float] = MISSING
+    roi_sizes: List[Any] = MISSING  # numbers (side in image pixels) or "mixed"
     repeats: int = MISSING
     warmup: int = MISSING
-    threads: int = MISSING
+    threads: Optional[int] = None
 
 
 @dataclass

@@ -96,12 +96,13 @@ def refine(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> 
 
 
 # `bench-pool --quick` and the demo's pooling step: seconds, not minutes, on a 2-core CPU.
-QUICK_BENCH = ["feature_shape=[1,64,64,64]", "num_rois=[128]", "roi_sizes=[32,128]", "repeats=3"]
+QUICK_BENCH = ["feature_shape=[1,64,50,76]", "num_rois=[128]", "roi_sizes=[mixed,32,128]", "repeats=3", "warmup=1"]
 
 
 class Impl(str, Enum):
     all = "all"
     prroi = "prroi"
+    prroi_reference = "prroi_reference"
     roi_align = "roi_align"
     roi_align_adaptive = "roi_align_adaptive"
     roi_pool = "roi_pool"
@@ -120,9 +121,9 @@ def bench_pool(
         extra += QUICK_BENCH
 
     def body(conf, run):
-        from iouctl.engine.bench_pool import bench_pool_from_config
+        from iouctl.engine.bench_pool import bench_pool as run_bench
 
-        return bench_pool_from_config(conf, run)
+        return run_bench(conf, run)
 
     run_experiment("bench-pool", overrides, cfg, body, extra_overrides=extra)
 

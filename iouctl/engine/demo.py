@@ -39,11 +39,11 @@ def demo(cfg: Any, run: Any, ablate_cfg: Optional[Any] = None, bench_cfg: Option
         timings["nms-ablate"] = time.perf_counter() - t0
 
     if "bench-pool" in cfg.steps and bench_cfg is not None:
-        from iouctl.engine.bench_pool import bench_pool_from_config
+        from iouctl.engine.bench_pool import bench_pool
 
         t0 = time.perf_counter()
         run.console.rule("RoI pooling benchmark")
-        summary["steps"]["bench-pool"] = bench_pool_from_config(bench_cfg, run.child("bench_pool"))
+        summary["steps"]["bench-pool"] = bench_pool(bench_cfg, run.child("bench_pool"))
         timings["bench-pool"] = time.perf_counter() - t0
 
     summary["seconds"] = timings
@@ -99,7 +99,7 @@ def _report(summary: dict) -> str:
         lines += ["## NMS ablation (AP in %)", "", *_ablation_lines(steps["nms-ablate"]), ""]
     if "bench-pool" in steps:
         lines += ["## RoI pooling timings", "", *_bench_lines(steps["bench-pool"]), "",
-                  "![time vs RoI size](bench_pool/plots/)", ""]
+                  "![time vs RoI size](bench_pool/plots/bench_pool.png)", ""]
     lines += ["## Time per step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in summary["seconds"].items()]
     return "\n".join(lines) + "\n"

@@ -159,7 +159,7 @@ def nms_ablate(cfg: Any, run: Any) -> dict:
             deltas = ap_deltas(base_metrics, metrics)
             row = {"arm": arm.name, "kept": int(len(kept.index)), **{k: metrics[k] for k in AP_KEYS},
                    **{f"d{k}": deltas[k] for k in TABLE_KEYS},
-                   **{f"pearson_{k}_after": v["pearson"] for k, v in corr_after.items()},
+                   **{f"{m}_{k}_after": v[m] for k, v in corr_after.items() for m in ("pearson", "spearman", "kendall")},
                    "seconds": time.perf_counter() - t_arm}
             rows.append(row)
             curves[arm.name] = metrics["ap_per_threshold"]

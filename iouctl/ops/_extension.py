@@ -1,0 +1,259 @@
+"""Build-on-first-use loader for the C++/CUDA kernels in ``kernels/<op>/`` and the ``impl=`` selector.
+
+Each ``kernels/<op>/`` folder is one shared library. Its sources register their schemas with
+``TORCH_LIBRARY_FRAGMENT(iouctl, m)`` (several libraries share the ``iouctl`` namespace) and their kernels with
+``TORCH_LIBRARY_IMPL(iouctl, CPU|CUDA, m)``; loading the library makes them visible as ``torch.ops.iouctl.*``.
+
+Builds go to ``$IOUCTL_CACHE_DIR/torch_extensions/<op>_<hash>`` (default ``~/.cache/iouctl``); the hash covers the
+sources, the torch/CUDA/Python versions and the build flags, so an edit or an upgrade never loads a stale library.
+A failed build warns once, loudly, naming its log, and callers fall back to the pure-PyTorch reference.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from iouctl.fileio import atomic_write
+
+IMPLS = ("auto", "cpp", "cuda", "reference")
+
+# -fopenmp: at::parallel_for is a header template that runs serially unless compiled with OpenMP; at load time the
+# extension's libgomp.so.1 resolves to the one torch already loaded, so both share one thread pool
+_CXX_FLAGS = ["-O3", "-fopenmp"]
+_LD_FLAGS = ["-fopenmp"]
+_CUDA_FLAGS = ["-O3", "--use_fast_math"]
+_SOURCE_SUFFIXES = (".cpp", ".cc")
+_CUDA_SUFFIXES = (".cu",)
+_HEADER_SUFFIXES = (".h", ".hpp", ".cuh")
+
+_lock = threading.Lock()
+_loaded: dict[str, bool] = {}
+_logs: dict[str, Path] = {}
+
+
+class KernelBuildWarning(RuntimeWarning):
+    """A kernel library failed to build or load; the pure-PyTorch reference is used instead."""
+
+
+def kernels_dir() -> Path:
+    """The repository's ``kernels/`` folder (next to the ``iouctl`` package; needs an editable install)."""
+    root = Path(__file__).resolve().parents[2] / "kernels"
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"iouctl kernel sources not found at {root}: install iouctl from a source checkout "
+            "(pip install -e .) or use impl='reference'"
+        )
+    return root
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("IOUCTL_CACHE_DIR", "~/.cache/iouctl")).expanduser() / "torch_extensions"
+
+
+def _sources(op: str, with_cuda: bool) -> tuple[list[Path], list[Path]]:
+    """(compiled sources, every file whose content must key the cache) for ``kernels/<op>/``."""
+    folder = kernels_dir() / op
+    if not folder.is_dir():
+        valid = sorted(p.name for p in kernels_dir().iterdir() if p.is_dir())
+        raise ValueError(f"no kernel folder kernels/{op}; valid ops: {', '.join(valid) or 'none'}")
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    suffixes = _SOURCE_SUFFIXES + (_CUDA_SUFFIXES if with_cuda else ())
+    compiled = [p for p in files if p.suffix in suffixes]
+    keyed = [p for p in files if p.suffix in suffixes + _HEADER_SUFFIXES]
+    return compiled, keyed
+
+
+def _build_key(op: str, keyed: list[Path], with_cuda: bool) -> str:
+    h = hashlib.sha256()
+    for p in keyed:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    facts = [
+        torch.__version__, str(torch.version.cuda), str(with_cuda), sys.version.split()[0], platform.machine(),
+        " ".join(_CXX_FLAGS), " ".join(_LD_FLAGS), " ".join(_CUDA_FLAGS) if with_cuda else "",
+        os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else "", os.environ.get("CXX", ""),
+    ]
+    if with_cuda and torch.cuda.is_available():  # without an arch list, nvcc targets the visible GPUs
+        facts += [str(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
+    h.update("\0".join(facts).encode())
+    return f"{op}_{h.hexdigest()[:16]}"
+
+
+def build_log(op: str) -> Path | None:
+    """Path of the build log of ``op`` in this process, once ``load_library(op)`` has tried to build it."""
+    return _logs.get(op)
+
+
+def load_library(op: str) -> bool:
+    """Build (first use) and load ``kernels/<op>/`` into this process; True when its ops are registered.
+
+    CUDA sources (``*.cu``) are compiled only when ``torch.cuda.is_available()`` (or ``IOUCTL_BUILD_CUDA=1``, a
+    compile check without a GPU). The result is cached per process;
+    a failure warns once (``KernelBuildWarning``, naming the build log) and returns False.
+    """
+    with _lock:
+        if op not in _loaded:
+            _loaded[op] = _load(op)
+        return _loaded[op]
+
+
+def _load(op: str) -> bool:
+    # IOUCTL_BUILD_CUDA=1 also compiles the CUDA sources without a GPU (a compile check; the kernels load unused)
+    with_cuda = torch.cuda.is_available() or os.environ.get("IOUCTL_BUILD_CUDA") == "1"
+    log: Path | str = "(no log: the build did not start)"
+    try:
+        compiled, keyed = _sources(op, with_cuda)
+        build_dir = cache_root() / _build_key(op, keyed, with_cuda)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        name = f"iouctl_{op}"
+        log = _logs[op] = build_dir / "build.log"
+        library = build_dir / f"{name}.so"
+        marker = build_dir / "built.ok"  # written only after a build loaded fine: then the .so is whole
+        if marker.is_file() and library.is_file():
+            torch.ops.load_library(str(library))
+            return True
+        _build(name, compiled, build_dir, log, with_cuda)
+        atomic_write(marker, f"{library.name}\n")
+        return True
+    except Exception as e:  # noqa: BLE001 -- any build/load failure means: fall back, loudly, once
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(
+            f"iouctl: building the '{op}' kernels failed ({first[:300]}); using the slower pure-PyTorch reference. "
+            f"Build log: {log}",
+            KernelBuildWarning, stacklevel=3,
+        )
+        return False
+
+
+def _build(name: str, sources: list[Path], build_dir: Path, log: Path, with_cuda: bool) -> None:
+    """Compile with ninja under cpp_extension's file lock (safe when processes race), compiler output to ``log``."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    # cpp_extension's own notes ("No CUDA runtime is found", ...) belong in the log, not on the user's terminal
+    ext_logger = logging.getLogger("torch.utils.cpp_extension")
+    handler = logging.FileHandler(log)
+    ext_logger.addHandler(handler)
+    propagate, ext_logger.propagate = ext_logger.propagate, False
+    try:
+        from torch.utils import cpp_extension
+
+        _ninja_on_path()
+        if with_cuda:
+            _fix_cuda_home(cpp_extension)
+        _compile(cpp_extension, console, name, sources, build_dir, log, with_cuda)
+    finally:
+        ext_logger.removeHandler(handler)
+        ext_logger.propagate = propagate
+        handler.close()
+
+
+def _ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; a venv's bin folder (where pip's ninja lives) is on PATH only when the venv
+    is activated, not when its `iouctl` is called by full path."""
+    dirs = [str(Path(sys.executable).parent)]
+    try:
+        import ninja
+
+        dirs.insert(0, str(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join([d for d in dirs if d not in path] + path)
+
+
+def _fix_cuda_home(cpp_extension) -> None:
+    """cpp_extension guesses CUDA_HOME from the nvcc on PATH; a wrapper script in /usr/local/bin makes that
+    /usr/local, which has no CUDA headers. Prefer the standard toolkit location then."""
+    home = cpp_extension.CUDA_HOME
+    if (home is None or not Path(home, "include", "cuda_runtime.h").is_file()) and \
+            Path("/usr/local/cuda/include/cuda_runtime.h").is_file():
+        cpp_extension.CUDA_HOME = "/usr/local/cuda"
+
+
+def _compile(cpp_extension, console, name: str, sources: list[Path], build_dir: Path, log: Path,
+             with_cuda: bool) -> None:
+    with open(log, "ab") as logf:
+        logf.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} building {name}\n".encode())
+        logf.flush()
+        # cpp_extension's verbose build writes the compiler output to fd 1: point fd 1 at the log for the build
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            with console.status(f"[bold]iouctl: compiling the {name.removeprefix('iouctl_')} kernels "
+                                f"(first use, about a minute; log: {log})"):
+                os.dup2(logf.fileno(), 1)
+                try:
+                    cpp_extension.load(
+                        name=name,
+                        sources=[str(s) for s in sources],
+                        extra_cflags=list(_CXX_FLAGS),
+                        extra_cuda_cflags=list(_CUDA_FLAGS) if with_cuda else None,
+                        extra_ldflags=list(_LD_FLAGS),
+                        build_directory=str(build_dir),
+                        with_cuda=with_cuda,
+                        is_python_module=False,
+                        verbose=True,
+                    )
+                finally:
+                    sys.stdout.flush()
+                    os.dup2(saved, 1)
+        except Exception as e:
+            logf.write(f"\n=== failed: {type(e).__name__}: {e}\n".encode())
+            raise
+        finally:
+            os.close(saved)
+
+
+def has_kernel(qualname: str, device_type: str) -> bool:
+    """Whether ``iouctl::<op>`` has a kernel registered for ``device_type`` ('cpu' or 'cuda')."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
+    except RuntimeError:  # op not defined at all
+        return False
+
+
+def select_impl(library: str, impl: str, device: torch.device | str, op: str | None = None) -> str:
+    """Resolve ``impl`` ('auto' | 'cpp' | 'cuda' | 'reference') for tensors on ``device``.
+
+    'auto' picks the compiled kernel for the device ('cpp' on CPU, 'cuda' on CUDA) and falls back to 'reference'
+    when the library failed to build (after one warning) or the device has no kernel. 'cpp' and 'cuda' insist:
+    a wrong device raises ValueError, a missing build raises RuntimeError naming the log. ``op`` is the op name
+    inside the ``iouctl`` namespace (default: the library name). Returns 'cpp', 'cuda' or 'reference'.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+    if impl == "reference":
+        return "reference"
+    device_type = torch.device(device).type
+    qualname = f"iouctl::{op or library}"
+    if impl == "auto":
+        if device_type not in ("cpu", "cuda") or not load_library(library):
+            return "reference"
+        kind = "cuda" if device_type == "cuda" else "cpp"
+        return kind if has_kernel(qualname, device_type) else "reference"
+    wanted = "cuda" if impl == "cuda" else "cpu"
+    if device_type != wanted:
+        raise ValueError(
+            f"impl={impl!r} runs on {wanted.upper()} tensors but the input is on {device_type}; "
+            "use impl='auto' or move the tensors"
+        )
+    if not load_library(library):
+        raise RuntimeError(f"impl={impl!r}: the '{library}' kernels failed to build; see "
+                           f"{build_log(library) or 'the KernelBuildWarning above'}")
+    if not has_kernel(qualname, wanted):
+        why = "" if wanted == "cpu" else " (CUDA sources are compiled only when a GPU is visible at first use)"
+        raise RuntimeError(f"impl={impl!r}: {qualname} has no {wanted.upper()} kernel in this build{why}")
+    return impl
