@@ -2,7 +2,7 @@
 variants, and the IoU-aware score fusion (Wu et al. 2019).
 
 Kernels: ``kernels/nms/`` (schemas + CPU), built on first use; pure-PyTorch references in
-``iouctl/ops/reference_nms.py``. Conventions shared by every op here:
+``iouctl/ops/reference.py``. Conventions shared by every op here:
 
 - boxes are Tensor[N, 4] (x1, y1, x2, y2); a box is suppressed when its IoU with a kept box is > iou_threshold
   (strictly, as torchvision.ops.nms); the IoU is computed in the boxes' dtype exactly as torchvision computes it
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from iouctl.ops import _extension
-from iouctl.ops import reference_nms as ref
+from iouctl.ops import reference as ref
 
 __all__ = [
     "batched_iou_guided_nms",
