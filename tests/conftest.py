@@ -17,3 +17,15 @@ def _isolated_runs(tmp_path, monkeypatch):
 def pytest_configure(config):
     # One shared cache per test session for generated datasets and compiled kernels (CI starts cold once).
     os.environ.setdefault("IOUCTL_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "iouctl"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped without a GPU; CPU tests never skip."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

@@ -29,16 +29,6 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    """User-fixable errors from every layer (the data layer's are ValueErrors of their own)."""
-    types: list[type[BaseException]] = [IouctlError, FileNotFoundError]
-    for mod, name in (("iouctl.data.coco", "DatasetError"), ("iouctl.data.detections", "DetectionsFormatError")):
-        m = sys.modules.get(mod)  # only when already imported: never import heavy modules just to catch
-        if m is not None and hasattr(m, name):
-            types.append(getattr(m, name))
-    return tuple(types)
-
-
 @contextmanager
 def user_errors(run_dir: Any = None) -> Iterator[None]:
     """One line on stderr and a non-zero exit for user errors; the traceback goes to the run's log, not the screen."""
@@ -50,7 +40,7 @@ def user_errors(run_dir: Any = None) -> Iterator[None]:
         where = f"; run marked INTERRUPTED: {run_dir()}" if run_dir and run_dir() else ""
         fail(f"interrupted{where}", 130)
     except Exception as exc:
-        if isinstance(exc, _user_error_types()):
+        if isinstance(exc, (IouctlError, FileNotFoundError)):  # every layer's user errors derive from IouctlError
             msg = str(exc) if not isinstance(exc, FileNotFoundError) else f"no such file or folder: {exc.filename or exc}"
             fail(msg, getattr(exc, "exit_code", 2))
         where = f" (traceback in {run_dir()}/log)" if run_dir and run_dir() else ""

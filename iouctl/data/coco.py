@@ -23,6 +23,8 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from iouctl.errors import IouctlError
+
 SPLITS = ("train", "val")
 _SHOW_IDS = 3  # offending ids quoted per kind in an error line
 
@@ -47,7 +49,7 @@ ANNOTATION_KINDS = {
 COCO_KINDS = {**IMAGE_KINDS, **ANNOTATION_KINDS}
 
 
-class DatasetError(ValueError):
+class DatasetError(IouctlError, ValueError):
     """A dataset that cannot be read as asked; the message is one line naming the file and what is wrong."""
 
 
