@@ -140,3 +140,22 @@ def test_iou_guided_arm_equals_the_algorithm(cache):
     kept = IoUGuidedNMS(0.5).keep(dets)
     idx, scores = _loop_iou_guided(dets, 0.5)
     assert torch.equal(kept.index, idx) and torch.equal(kept.scores, scores.to(kept.scores.dtype))
+
+
+def test_wandb_gets_table_plots_and_correlations(cache):
+    from tests.wandb_records import history
+
+    r = runner.invoke(app, ["nms-ablate", "--synthetic", "--score", "fused", *TINY, "logger=wandb",
+                            f"paths.runs_dir={cache / 'runs'}"])
+    assert r.exit_code == 0, r.output
+    d = _only_run(cache / "runs")
+    (wb,) = list((d / "wandb").glob("offline-run-*/run-*.wandb"))
+    rows = history(wb)
+    keys = {k for r in rows for k in r}  # media are logged as nested keys (name/_type, name/path, ...)
+    for media in ("nms_ablation/", "plots/ap_vs_iou_threshold/", "plots/score_vs_true_iou/"):
+        assert any(k.startswith(media) for k in keys), media
+    res = json.loads((d / "results.json").read_text())
+    logged = {k: v for r in rows for k, v in r.items()}
+    assert logged["corr_before/iou/pearson"] == pytest.approx(res["correlation_before_nms"]["iou"]["pearson"])
+    fused = res["arms"][1]
+    assert fused["arm"] == "greedy[fused]@0.5" and logged["greedy[fused]@0.5/AP90"] == pytest.approx(fused["AP90"])
