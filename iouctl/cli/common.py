@@ -40,8 +40,8 @@ def user_errors(run_dir: Any = None) -> Iterator[None]:
         where = f"; run marked INTERRUPTED: {run_dir()}" if run_dir and run_dir() else ""
         fail(f"interrupted{where}", 130)
     except Exception as exc:
-        if isinstance(exc, (IouctlError, FileNotFoundError)):  # every layer's user errors derive from IouctlError
-            msg = str(exc) if not isinstance(exc, FileNotFoundError) else f"no such file or folder: {exc.filename or exc}"
+        if isinstance(exc, (IouctlError, FileNotFoundError, FileExistsError)):  # every layer's derive from IouctlError
+            msg = f"no such file or folder: {exc.filename or exc}" if isinstance(exc, FileNotFoundError) else str(exc)
             fail(msg, getattr(exc, "exit_code", 2))
         where = f" (traceback in {run_dir()}/log)" if run_dir and run_dir() else ""
         if where:

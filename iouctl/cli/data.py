@@ -102,6 +102,26 @@ def convert_voc(
         err_console.print(f"wrote {path}: {report.summary()}")
 
 
+@data_app.command("export-coco")
+def export_coco(
+    detections: Path = typer.Argument(..., help="A raw-detections file (.npz, e.g. runs/eval/<run>/detections/val.npz)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The COCO results JSON file to write."),
+    score: str = typer.Option("cls", "--score", help="The score to export: cls, iou or fused."),
+    cls_weight: float = typer.Option(0.5, "--cls-weight", help="For --score fused: cls^w * IoU^(1-w)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Export raw detections to the standard COCO results JSON (image_id, category_id, bbox xywh, score)."""
+    with user_errors():
+        from iouctl.data.detections import Detections
+        from iouctl.postprocess.suppression import ranking_score
+
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        dets = Detections.load(detections)
+        path = dets.export_coco_json(out, scores=ranking_score(dets, score, cls_weight))
+        err_console.print(f"wrote {len(dets)} detections to {path}")
+
+
 def _print_summary(data) -> None:
     from rich.table import Table
 

@@ -313,6 +313,9 @@ class Detections:
         p = Path(path)
         if not p.is_file():
             raise DetectionsFormatError(f"{src}: no such detections file")
+        if not zipfile.is_zipfile(p) and p.read_bytes()[:6] != b"\x93NUMPY":
+            raise DetectionsFormatError(f"{src}: not a detections .npz file (expected a zip of .npy arrays, see "
+                                        f"docs/detections.md)")
         try:
             z = np.load(p, allow_pickle=False)
             if not isinstance(z, np.lib.npyio.NpzFile):

@@ -1,6 +1,7 @@
 """`iouctl data ...` through the Typer app, on a tiny built-in dataset."""
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from iouctl.cli import app
@@ -49,3 +50,23 @@ def test_convert_voc_never_overwrites(tmp_path):
     r = runner.invoke(app, ["data", "convert-voc", str(tmp_path / "nosuch"), "--out", str(out)])
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
     assert out.read_text() == "precious"
+
+
+def test_export_coco_results(tmp_path):
+    import torch
+
+    from iouctl.data.detections import Detections
+
+    dets = Detections(torch.tensor([1, 1]), torch.tensor([[0.0, 0, 10, 10], [5, 5, 7, 9]]), torch.tensor([3, 4]),
+                      torch.tensor([0.9, 0.4]), torch.tensor([0.5, 1.0]), {})
+    src = dets.save(tmp_path / "val.npz")
+    out = tmp_path / "res.json"
+    r = runner.invoke(app, ["data", "export-coco", str(src), "--out", str(out), "--score", "fused"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res[1]["bbox"] == [5, 5, 2, 4] and res[1]["category_id"] == 4
+    assert res[0]["score"] == pytest.approx((0.9 * 0.5) ** 0.5, rel=1e-6)  # cls^0.5 * IoU^0.5
+    r = runner.invoke(app, ["data", "export-coco", str(src), "--out", str(out)])
+    assert r.exit_code == 2 and "--overwrite" in r.stderr
+    r = runner.invoke(app, ["data", "export-coco", str(out), "--out", str(tmp_path / "x.json")])
+    assert r.exit_code == 2 and "not a detections .npz" in r.stderr
