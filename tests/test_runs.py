@@ -116,3 +116,24 @@ def test_child_run_for_composite_commands(tmp_path):
     assert json.loads((run.dir / "step" / "metrics.jsonl").read_text())["x"] == 1.0
     assert json.loads((run.dir / "metrics.jsonl").read_text())["y"] == 2.0
     assert "from the step" in (run.dir / "log").read_text()
+
+
+def test_find_run_file(tmp_path):
+    from iouctl.errors import IouctlError
+    from iouctl.runs import find_run_file
+
+    with _open(tmp_path) as run:
+        run.write_text("detections/val.txt", "x")
+        with_file = run.dir
+    time.sleep(1.1)
+    with _open(tmp_path) as run:  # newer, but without the file: not chosen
+        pass
+    runs = tmp_path / "runs"
+    assert find_run_file(None, runs, ["eval", "train"], "detections/val.txt") == with_file / "detections/val.txt"
+    assert find_run_file(str(with_file), runs, ["eval"], "detections/val.txt").is_file()
+    with pytest.raises(IouctlError, match="has no detections/val.txt"):
+        find_run_file(str(run.dir), runs, ["eval"], "detections/val.txt")
+    with pytest.raises(IouctlError, match="no such run folder"):
+        find_run_file(str(tmp_path / "nope"), runs, ["eval"], "detections/val.txt")
+    with pytest.raises(IouctlError, match="no completed train run"):
+        find_run_file(None, runs, ["train"], "detections/val.txt")

@@ -7,6 +7,8 @@ from iouctl.analysis.coco_eval import (
     STAT_KEYS,
     ap_deltas,
     evaluate,
+    fmt_ap,
+    fmt_delta,
     summarize_eval,
 )
 from iouctl.analysis.correlation import correlations, pairwise_iou_xyxy, pearson, true_iou
@@ -23,6 +25,8 @@ __all__ = [
     "IOU_THRESHOLDS",
     "STAT_KEYS",
     "ap_deltas",
+    "fmt_ap",
+    "fmt_delta",
     "clear_gt_cache",
     "correlations",
     "evaluate",

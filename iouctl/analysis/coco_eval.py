@@ -196,3 +196,13 @@ __all__ = [
     "evaluate",
     "summarize_eval",
 ]
+
+
+def fmt_ap(v: Any) -> str:
+    """An AP fraction as a percentage for tables; '-' when undefined (None, nan or cocoeval's -1)."""
+    return "-" if v is None or v == -1 or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def fmt_delta(v: Any) -> str:
+    """An AP difference as signed percentage points; '-' when undefined."""
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:+.1f}"

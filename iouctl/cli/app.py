@@ -84,9 +84,24 @@ def nms_ablate(
     def body(conf, run):
         from iouctl.engine.nms_ablate import nms_ablate as run_ablation
 
-        return run_ablation(conf, run)
+        return run_ablation(conf, run, *_ablation_inputs(conf))
 
     run_experiment("nms-ablate", overrides, cfg, body, extra_overrides=extra)
+
+
+def _ablation_inputs(conf) -> tuple:
+    """(data, baseline NMS arm, raw detections file or None for synthetic) of an nms_ablate config."""
+    from iouctl import config
+    from iouctl.errors import IouctlError
+    from iouctl.runs import find_run_file
+
+    detections = None
+    if not conf.synthetic:
+        try:
+            detections = find_run_file(conf.run, conf.paths.runs_dir, ["eval", "train"], f"detections/{conf.split}.npz")
+        except IouctlError as e:
+            raise IouctlError(f"{e}, or use --synthetic") from None
+    return config.instantiate(conf.data), config.instantiate(conf.nms), detections
 
 
 @app.command()
@@ -141,9 +156,11 @@ def demo(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> No
             steps["bench"] = compose("bench-pool", [*QUICK_BENCH, *[o for o in shared if not _key(o).startswith("data")]])
 
     def body(conf, run):
+        from iouctl import config
         from iouctl.engine.demo import demo as run_demo
 
-        return run_demo(conf, run, steps["ablate"], steps["bench"])
+        ablate = steps["ablate"]
+        return run_demo(conf, run, config.instantiate(conf.data), (ablate, *_ablation_inputs(ablate)), steps["bench"])
 
     run_experiment("demo", overrides, cfg, body)
 

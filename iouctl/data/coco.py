@@ -251,7 +251,7 @@ def validate_coco_dict(data, ann_file: str | os.PathLike, image_dir: str | os.Pa
                 rep.add("unknown_image", ident)
             continue
         im = images[iid]
-        if "width" in im and (x >= im["width"] or y >= im["height"] or x + w <= 0 or y + h <= 0):
+        if im.get("width") is not None and (x >= im["width"] or y >= im["height"] or x + w <= 0 or y + h <= 0):
             rep.add("outside_image", ident)
             continue
         kept.append(a)
@@ -339,7 +339,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         im = self.images[idx]
         path = self.image_dir / im["file_name"]
         image = read_image(path)
-        if "width" in im and (image.shape[2], image.shape[1]) != (im["width"], im["height"]):
+        if im.get("width") is not None and (image.shape[2], image.shape[1]) != (im["width"], im["height"]):
             raise DatasetError(f"{path}: image is {image.shape[2]}x{image.shape[1]} but {self.ann_file} says "
                                f"{im['width']}x{im['height']}")
         boxes, labels, iscrowd = self._targets[idx]

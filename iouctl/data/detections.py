@@ -88,6 +88,21 @@ def _check_array(name: str, value: Any, n: int | None, source: str | None) -> Te
     return value
 
 
+def rank_per_image(image_ids: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows sorted by (image ascending, score descending, row ascending) and each row's rank inside its image.
+
+    Returns: (order Tensor[N] int64, rank Tensor[N] int64), rank[i] the rank of row order[i]; rank < k picks the k best
+    rows of every image.
+    """
+    order = torch.sort(scores, descending=True, stable=True).indices
+    order = order[torch.sort(image_ids[order], stable=True).indices]
+    ids = image_ids[order]
+    start = torch.ones_like(ids, dtype=torch.bool)
+    start[1:] = ids[1:] != ids[:-1]
+    pos = torch.arange(len(ids), device=ids.device)
+    return order, pos - torch.cummax(torch.where(start, pos, 0), 0).values
+
+
 @dataclass
 class Detections:
     """Detections of one split, a flat table of N rows.
@@ -240,15 +255,8 @@ class Detections:
         s = self._score_arg(scores, "top_k_per_image")
         if len(self) == 0:
             return self.select(slice(None))
-        # Sort by (image asc, score desc) with stable sorts, then rank inside each image run.
-        order = torch.sort(s, descending=True, stable=True).indices
-        order = order[torch.sort(self.image_ids[order], stable=True).indices]
-        ids = self.image_ids[order]
-        start = torch.ones_like(ids, dtype=torch.bool)
-        start[1:] = ids[1:] != ids[:-1]
-        run_start = torch.cummax(torch.where(start, torch.arange(len(ids), device=ids.device), 0), 0).values
-        rank = torch.arange(len(ids), device=ids.device) - run_start
-        keep = torch.zeros(len(self), dtype=torch.bool, device=ids.device)
+        order, rank = rank_per_image(self.image_ids, s)
+        keep = torch.zeros(len(self), dtype=torch.bool, device=s.device)
         keep[order[rank < k]] = True
         return self.select(keep)
 

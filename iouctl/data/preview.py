@@ -24,7 +24,7 @@ def render_preview(dataset, out_png: str | os.PathLike, num_images: int = 8, see
 
     ``dataset[i]`` must give ``(image float Tensor[3, H, W] in [0, 1], {"boxes": Tensor[K, 4] xyxy,
     "labels": Tensor[K], "iscrowd": Tensor[K], "image_id": int})``; class names come from ``dataset.categories``
-    when present. Crowd boxes are drawn dashed-grey. Returns the PNG path (written atomically)."""
+    when present. Crowd boxes are drawn in thin grey. Returns the PNG path (written atomically)."""
     from PIL import Image, ImageDraw, ImageFont
 
     if num_images < 1:

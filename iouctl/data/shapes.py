@@ -313,9 +313,6 @@ class ShapesData:
         self._check_split(split)
         return self.root / split
 
-    def is_prepared(self) -> bool:
-        return self.root.is_dir()
-
     # -- generation
     def prepare(self, progress: Callable[[int, int], object] | None = None) -> None:
         """Generate the dataset into ``root`` unless it is there already (then a no-op).

@@ -1,17 +1,19 @@
 """`iouctl demo`: the study on the built-in dataset in one run directory, ending in a summary and report.md."""
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Optional
+
+from iouctl.analysis import fmt_ap, fmt_delta
 
 STEPS = ("data", "nms-ablate", "bench-pool")
 
 
-def demo(cfg: Any, run: Any, ablate_cfg: Optional[Any] = None, bench_cfg: Optional[Any] = None) -> dict:
-    """Run each step of `cfg.steps` into a subfolder of `run`, then summarise; numbers come from these runs only."""
-    from iouctl import config
+def demo(cfg: Any, run: Any, data: Any, ablation: Optional[tuple] = None, bench_cfg: Optional[Any] = None) -> dict:
+    """Run each step of `cfg.steps` into a subfolder of `run`, then summarise; numbers come from these runs only.
 
+    data: the dataset object; ablation: the arguments of engine.nms_ablate after `run` (config, data, baseline,
+    detections); bench_cfg: the bench_pool config."""
     unknown = [s for s in cfg.steps if s not in STEPS]
     if unknown:
         from iouctl.errors import ConfigError
@@ -22,7 +24,6 @@ def demo(cfg: Any, run: Any, ablate_cfg: Optional[Any] = None, bench_cfg: Option
 
     if "data" in cfg.steps:
         t0 = time.perf_counter()
-        data = config.instantiate(cfg.data)
         with run.progress(transient=True) as progress:
             task = progress.add_task("dataset", total=None)
             data.prepare(progress=lambda done, total: progress.update(task, completed=done, total=total))
@@ -30,12 +31,13 @@ def demo(cfg: Any, run: Any, ablate_cfg: Optional[Any] = None, bench_cfg: Option
         timings["data"] = time.perf_counter() - t0
         run.console.print(f"[bold]dataset[/]: {data.root} ({timings['data']:.1f} s)")
 
-    if "nms-ablate" in cfg.steps and ablate_cfg is not None:
+    if "nms-ablate" in cfg.steps and ablation is not None:
         from iouctl.engine.nms_ablate import nms_ablate
 
         t0 = time.perf_counter()
         run.console.rule("NMS ablation")
-        summary["steps"]["nms-ablate"] = nms_ablate(ablate_cfg, run.child("nms_ablate"))
+        ablate_cfg, *inputs = ablation
+        summary["steps"]["nms-ablate"] = nms_ablate(ablate_cfg, run.child("nms_ablate"), *inputs)
         timings["nms-ablate"] = time.perf_counter() - t0
 
     if "bench-pool" in cfg.steps and bench_cfg is not None:
@@ -56,26 +58,18 @@ def demo(cfg: Any, run: Any, ablate_cfg: Optional[Any] = None, bench_cfg: Option
     return summary
 
 
-def _pct(v: Any) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) or v == -1 else f"{100 * v:.1f}"
-
-
 def _ablation_lines(ab: dict) -> list[str]:
     out = [f"Detections: {ab['source']} ({ab['num_detections']} raw boxes). Baseline: `{ab['baseline']}`.", "",
            "| arm | AP | AP50 | AP75 | AP90 | dAP | dAP90 |", "|---|---|---|---|---|---|---|"]
     for r in ab["arms"]:
-        out.append(f"| {r['arm']} | {_pct(r['AP'])} | {_pct(r['AP50'])} | {_pct(r['AP75'])} | {_pct(r['AP90'])} | "
-                   f"{_signed(r['dAP'])} | {_signed(r['dAP90'])} |")
+        out.append(f"| {r['arm']} | {fmt_ap(r['AP'])} | {fmt_ap(r['AP50'])} | {fmt_ap(r['AP75'])} | {fmt_ap(r['AP90'])} | "
+                   f"{fmt_delta(r['dAP'])} | {fmt_delta(r['dAP90'])} |")
     out += ["", "| score | Pearson with true IoU | Spearman | Kendall |", "|---|---|---|---|"]
     out += [f"| {s} | {c['pearson']:.3f} | {c['spearman']:.3f} | {c['kendall']:.3f} |"
             for s, c in ab["correlation_before_nms"].items()]
     out += ["", "![AP vs IoU threshold](nms_ablate/plots/ap_vs_iou_threshold.png)",
             "![score vs true IoU](nms_ablate/plots/score_vs_true_iou.png)"]
     return out
-
-
-def _signed(v: Any) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:+.1f}"
 
 
 def _bench_lines(rows: Any) -> list[str]:
@@ -117,7 +111,7 @@ def _print_summary(run: Any, summary: dict) -> None:
         for c in ("arm", "AP", "AP90", "dAP", "dAP90"):
             t.add_column(c, justify="left" if c == "arm" else "right")
         for r in [ab["arms"][0], best] if best is not ab["arms"][0] else [best]:
-            t.add_row(escape(r["arm"]), _pct(r["AP"]), _pct(r["AP90"]), _signed(r["dAP"]), _signed(r["dAP90"]))
+            t.add_row(escape(r["arm"]), fmt_ap(r["AP"]), fmt_ap(r["AP90"]), fmt_delta(r["dAP"]), fmt_delta(r["dAP90"]))
         run.console.print(t)
         corr = ab["correlation_before_nms"]
         run.console.print("Pearson with the true IoU: " + ", ".join(f"{s} {c['pearson']:.3f}" for s, c in corr.items()))

@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
 
 from iouctl.analysis import (
-    AP_KEYS, ap_deltas, correlations, evaluate, plot_ap_vs_threshold, plot_score_vs_iou, synthesize_detections,
+    AP_KEYS, ap_deltas, correlations, evaluate, fmt_ap, fmt_delta, plot_ap_vs_threshold, plot_score_vs_iou, synthesize_detections,
     true_iou,
 )
 from iouctl.data.detections import Detections
@@ -21,115 +19,63 @@ from iouctl.postprocess.suppression import SCORES, GreedyNMS, IoUGuidedNMS, Soft
 
 METHODS = ("greedy", "iou-guided", "soft-linear", "soft-gaussian")
 TABLE_KEYS = ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90")
-DETECTION_COMMANDS = ("eval", "train")
 
 
-@dataclass
-class Arm:
-    name: str
-    nms: Any          # a postprocess.suppression arm
-    needs_iou: bool
-
-
-def build_arms(methods, scores, thresholds, cls_weight, soft_sigma, soft_score_threshold, max_per_image) -> list[Arm]:
+def build_arms(methods, scores, thresholds, cls_weight, soft_sigma, soft_score_threshold, max_per_image) -> list:
     """The grid: greedy x scores x thresholds, iou-guided x thresholds, soft-linear x scores x thresholds,
     soft-gaussian x scores (its decay has no threshold)."""
     bad = [m for m in methods if m not in METHODS] + [s for s in scores if s not in SCORES]
     if bad:
         raise ConfigError(f"unknown NMS method/score {', '.join(map(repr, bad))}; methods: {', '.join(METHODS)}; "
                           f"scores: {', '.join(SCORES)}")
-    arms: list[Arm] = []
+    arms: list = []
     for method in methods:
         if method == "iou-guided":
-            arms += [Arm(f"iou-guided@{t:g}", IoUGuidedNMS(t, max_per_image), True) for t in thresholds]
-            continue
-        for score in scores:
-            if method == "greedy":
-                arms += [Arm(f"greedy[{score}]@{t:g}", GreedyNMS(t, score, cls_weight, max_per_image), score != "cls")
-                         for t in thresholds]
-            elif method == "soft-linear":
-                arms += [Arm(f"soft-linear[{score}]@{t:g}",
-                             SoftNMS("linear", soft_sigma, t, soft_score_threshold, score, cls_weight, max_per_image),
-                             score != "cls") for t in thresholds]
-            else:
-                arms.append(Arm(f"soft-gaussian[{score}]",
-                                SoftNMS("gaussian", soft_sigma, 0.0, soft_score_threshold, score, cls_weight,
-                                        max_per_image), score != "cls"))
+            arms += [IoUGuidedNMS(t, max_per_image) for t in thresholds]
+        elif method == "greedy":
+            arms += [GreedyNMS(t, s, cls_weight, max_per_image) for s in scores for t in thresholds]
+        elif method == "soft-linear":
+            arms += [SoftNMS("linear", soft_sigma, t, soft_score_threshold, s, cls_weight, max_per_image)
+                     for s in scores for t in thresholds]
+        else:
+            arms += [SoftNMS("gaussian", soft_sigma, 0.0, soft_score_threshold, s, cls_weight, max_per_image)
+                     for s in scores]
     return arms
 
 
-def arm_name(nms: Any) -> str:
-    if isinstance(nms, IoUGuidedNMS):
-        return f"iou-guided@{nms.iou_threshold:g}"
-    if isinstance(nms, SoftNMS):
-        return f"soft-{nms.method}[{nms.score}]" + (f"@{nms.iou_threshold:g}" if nms.method == "linear" else "")
-    return f"greedy[{nms.score}]@{nms.iou_threshold:g}"
-
-
-def find_detections(run: str | None, runs_dir: str, split: str) -> Path:
-    """The raw detections file of `run` (a run folder or an .npz file), or of the latest completed eval/train run."""
-    from iouctl.runs import latest_run
-
-    if run is None:
-        latest = None
-        for command in DETECTION_COMMANDS:
-            cand = latest_run(runs_dir, [command])
-            if cand is not None and (cand / "detections" / f"{split}.npz").is_file():
-                latest = cand if latest is None or cand.name > latest.name else latest
-        if latest is None:
-            raise IouctlError(f"no completed eval/train run with raw detections under {runs_dir}; run `iouctl eval`, "
-                              f"pass run=<dir>, or use --synthetic")
-        return latest / "detections" / f"{split}.npz"
-    path = Path(run).expanduser()
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise IouctlError(f"run={run}: no such run folder or detections file")
-    f = path / "detections" / f"{split}.npz"
-    if not f.is_file():
-        raise IouctlError(f"run={run} has no raw detections for split {split!r} ({f} is missing)")
-    return f
-
-
-def _fmt(v: float, pct: bool = True) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{100 * v:.1f}" if pct else f"{v:+.1f}"
-
-
-def nms_ablate(cfg: Any, run: Any) -> dict:
-    from iouctl import config
-
-    data = config.instantiate(cfg.data)
+def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, detections: Path | None) -> dict:
+    """Every arm of the grid against `baseline` on the raw detections file `detections` (None: synthesize them from
+    the ground truth of `data`). `cfg` holds the plain settings of conf/nms_ablate.yaml."""
     data.prepare()
     gt = data.ann_file(cfg.split)
-    if cfg.synthetic:
+    if detections is None:
         dets = synthesize_detections(gt, seed=int(cfg.seed))
         dets.meta.update(model="synthetic", split=cfg.split, gt=str(gt))
         dets.save(run.path("detections", f"{cfg.split}.npz"))  # so later runs can use run=<this run>
         source = f"synthesized from {gt} (seed {cfg.seed})"
     else:
-        path = find_detections(cfg.run, cfg.paths.runs_dir, cfg.split)
-        dets = Detections.load(path)
-        source = str(path)
-    run.console.print(f"detections: {len(dets)} raw boxes, {len(dets.image_index())} images, "
-                      f"predicted IoU: {'yes' if dets.has_ious else 'no'} ({source})")
+        dets = Detections.load(detections)
+        source = str(detections)
+    run.console.print(escape(f"detections: {len(dets)} raw boxes, {len(dets.image_index())} images, "
+                             f"predicted IoU: {'yes' if dets.has_ious else 'no'} ({source})"))
 
-    baseline = config.instantiate(cfg.nms)
-    base_name = arm_name(baseline)
-    arms = build_arms(cfg.methods, cfg.scores, cfg.iou_thresholds, cfg.cls_weight, cfg.soft_sigma,
+    base_name = baseline.name
+    grid = build_arms(cfg.methods, cfg.scores, cfg.iou_thresholds, cfg.cls_weight, cfg.soft_sigma,
                       cfg.soft_score_threshold, cfg.max_per_image)
-    arms = [Arm(base_name, baseline, not isinstance(baseline, GreedyNMS) or baseline.score != "cls")] + \
-        [a for a in arms if a.name != base_name]
+    # The baseline stands in for its twin in the grid only when every setting agrees; otherwise both run.
+    arms = [baseline] + [a for a in grid if vars(a) != vars(baseline)]
+    names = [a.name for a in arms]
+    names = [n + "'" if i and n == base_name else n for i, n in enumerate(names)]  # same name, other settings
     if not dets.has_ious:
-        skipped = [a.name for a in arms if a.needs_iou]
+        skipped = [n for n, a in zip(names, arms) if a.needs_iou]
         if skipped:
             run.console.print(escape(f"skipped {len(skipped)} arm(s) that need predicted IoUs (the model has no IoU "
                                      f"head): {', '.join(skipped)}"), style="yellow")
-        if arms[0].needs_iou:
+        if baseline.needs_iou:
             raise IouctlError(f"the baseline {base_name} needs predicted IoUs, but these detections have none")
+        names = [n for n, a in zip(names, arms) if not a.needs_iou]
         arms = [a for a in arms if not a.needs_iou]
-        if len(arms) == 1 and (len(cfg.methods) < len(METHODS) or len(cfg.scores) < len(SCORES)):
+        if len(arms) == 1 and any(a.needs_iou for a in grid):
             raise IouctlError("every selected arm needs predicted IoUs, but these detections come from a model "
                               "without an IoU head; use detections of iou_retina/iou_net or --score cls")
 
@@ -146,9 +92,9 @@ def nms_ablate(cfg: Any, run: Any) -> dict:
     t0 = time.perf_counter()
     with run.progress() as progress:
         task = progress.add_task("NMS arms", total=len(arms))
-        for arm in arms:
+        for name, arm in zip(names, arms):
             t_arm = time.perf_counter()
-            kept = arm.nms.keep(dets)
+            kept = arm.keep(dets)
             out = kept.apply(dets)
             metrics = evaluate(gt, out, backend=cfg.eval_backend)
             base_metrics = base_metrics or metrics
@@ -157,13 +103,13 @@ def nms_ablate(cfg: Any, run: Any) -> dict:
                 after_scores["iou"] = dets.ious[kept.index]
             corr_after = correlations(tiou[kept.index], after_scores)
             deltas = ap_deltas(base_metrics, metrics)
-            row = {"arm": arm.name, "kept": int(len(kept.index)), **{k: metrics[k] for k in AP_KEYS},
+            row = {"arm": name, "kept": int(len(kept.index)), **{k: metrics[k] for k in AP_KEYS},
                    **{f"d{k}": deltas[k] for k in TABLE_KEYS},
                    **{f"{m}_{k}_after": v[m] for k, v in corr_after.items() for m in ("pearson", "spearman", "kendall")},
                    "seconds": time.perf_counter() - t_arm}
             rows.append(row)
-            curves[arm.name] = metrics["ap_per_threshold"]
-            run.log({f"{arm.name}/{k}": row[k] for k in ("AP", "AP50", "AP75", "AP90", "dAP", "dAP90")})
+            curves[name] = metrics["ap_per_threshold"]
+            run.log({f"{name}/{k}": row[k] for k in ("AP", "AP50", "AP75", "AP90", "dAP", "dAP90")})
             progress.advance(task)
     elapsed = time.perf_counter() - t0
 
@@ -207,12 +153,11 @@ def _write_outputs(run: Any, rows: list[dict], summary: dict, corr_before: dict)
 def _cell(col: str, v: Any) -> str:
     if col in ("arm", "kept"):
         return str(v)
-    return _fmt(v) if not col.startswith("d") else ("-" if v is None or math.isnan(v) else f"{100 * v:+.1f}")
+    return fmt_delta(v) if col.startswith("d") else fmt_ap(v)
 
 
 def _print(run: Any, rows: list[dict], corr_before: dict, base_name: str, elapsed: float) -> None:
     from rich import box
-    from rich.markup import escape
     from rich.table import Table
 
     cols = ["arm", *TABLE_KEYS, "dAP", "dAP90"]  # the screen's share; files have every column

@@ -1,7 +1,7 @@
 """The NMS family as ops: greedy and IoU-guided NMS (IoU-Net, Alg. 1), Soft-NMS (Bodla et al. 2017), per-class
 variants, and the IoU-aware score fusion (Wu et al. 2019).
 
-Kernels: ``kernels/nms/`` (schemas + CPU), built on first use; pure-PyTorch references in
+Kernels: ``kernels/nms/`` (schemas + CPU + CUDA), built on first use; pure-PyTorch references in
 ``iouctl/ops/reference.py``. Conventions shared by every op here:
 
 - boxes are Tensor[N, 4] (x1, y1, x2, y2); a box is suppressed when its IoU with a kept box is > iou_threshold
@@ -52,6 +52,8 @@ _register_lock = threading.Lock()
 def _register_fakes() -> None:
     """Fake (meta) kernels, once the library is loaded: the number of kept boxes is data-dependent."""
     global _registered
+    if _registered:  # checked before the lock: every op call comes here
+        return
     with _register_lock:
         if _registered:
             return
@@ -141,7 +143,7 @@ def _check_no_nan(t: Tensor, name: str) -> None:
                          "scores first")
 
 
-def _check_real(x, name: str, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False) -> float:
+def check_real(x, name: str, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False) -> float:
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {x!r}")
     x = float(x)
@@ -153,14 +155,15 @@ def _check_real(x, name: str, lo: float | None = None, hi: float | None = None, 
     return x
 
 
-def _check_soft(method, sigma, iou_threshold, score_threshold) -> tuple[str, float, float, float]:
+def check_soft_args(method, sigma, iou_threshold, score_threshold) -> tuple[str, float, float, float]:
     if method not in SOFT_METHODS:
         raise ValueError(f"method must be one of {', '.join(repr(m) for m in SOFT_METHODS)}, got {method!r}")
-    sigma = _check_real(sigma, "sigma", 0.0, open_lo=True)
+    sigma = check_real(sigma, "sigma", 0.0, open_lo=True)
     if math.isinf(sigma):
         raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
-    return (method, sigma, _check_real(iou_threshold, "iou_threshold", 0.0, 1.0),
-            _check_real(score_threshold, "score_threshold"))
+    # score_threshold >= 0 keeps every live score >= 0, so a decay never raises a score (the kernel relies on it)
+    return (method, sigma, check_real(iou_threshold, "iou_threshold", 0.0, 1.0),
+            check_real(score_threshold, "score_threshold", 0.0))
 
 
 def _check_finite(t: Tensor, name: str) -> None:
@@ -188,7 +191,7 @@ def iou_guided_nms(boxes: Tensor, scores: Tensor, ious: Tensor, iou_threshold: f
     boxes = _check_boxes(boxes)
     scores = _check_vector(scores, "scores", boxes)
     ious = _check_vector(ious, "ious", boxes)
-    thr = _check_real(iou_threshold, "iou_threshold", 0.0, 1.0)
+    thr = check_real(iou_threshold, "iou_threshold", 0.0, 1.0)
     _check_no_nan(ious, "ious")
     _check_no_nan(scores, "scores")
     if _resolve(impl, boxes.device, "iou_guided_nms") == "reference":
@@ -207,7 +210,7 @@ def batched_iou_guided_nms(boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Te
     scores = _check_vector(scores, "scores", boxes)
     ious = _check_vector(ious, "ious", boxes)
     idxs = _check_vector(idxs, "idxs", boxes, integer=True)
-    thr = _check_real(iou_threshold, "iou_threshold", 0.0, 1.0)
+    thr = check_real(iou_threshold, "iou_threshold", 0.0, 1.0)
     _check_no_nan(ious, "ious")
     _check_no_nan(scores, "scores")
     if _resolve(impl, boxes.device, "batched_iou_guided_nms") == "reference":
@@ -249,7 +252,7 @@ def soft_nms(boxes: Tensor, scores: Tensor, method: str = "gaussian", sigma: flo
     """
     boxes = _check_boxes(boxes)
     scores = _check_vector(scores, "scores", boxes)
-    method, sigma, thr, st = _check_soft(method, sigma, iou_threshold, score_threshold)
+    method, sigma, thr, st = check_soft_args(method, sigma, iou_threshold, score_threshold)
     _check_finite(scores, "scores")
     if _resolve(impl, boxes.device, "soft_nms") == "reference":
         return ref.soft_nms_reference(boxes, scores, method, sigma, thr, st)
@@ -267,7 +270,7 @@ def batched_soft_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, method: str = 
     boxes = _check_boxes(boxes)
     scores = _check_vector(scores, "scores", boxes)
     idxs = _check_vector(idxs, "idxs", boxes, integer=True)
-    method, sigma, thr, st = _check_soft(method, sigma, iou_threshold, score_threshold)
+    method, sigma, thr, st = check_soft_args(method, sigma, iou_threshold, score_threshold)
     _check_finite(scores, "scores")
     if _resolve(impl, boxes.device, "batched_soft_nms") == "reference":
         return ref.batched_soft_nms_reference(boxes, scores, idxs, method, sigma, thr, st)
@@ -282,7 +285,7 @@ def iou_aware_score(scores: Tensor, ious: Tensor, cls_weight: float = 0.5) -> Te
     clamped to [0, 1] first, since a regressed IoU can overshoot and a negative base has no real power. NaN stays
     NaN. Differentiable (plain PyTorch). Returns the broadcast shape in the promoted dtype.
     """
-    a = _check_real(cls_weight, "cls_weight", 0.0, 1.0)
+    a = check_real(cls_weight, "cls_weight", 0.0, 1.0)
     for t, name in ((scores, "scores"), (ious, "ious")):
         if not isinstance(t, Tensor) or not t.is_floating_point():
             got = t.dtype if isinstance(t, Tensor) else type(t).__name__

@@ -1,5 +1,6 @@
 """Precise RoI Pooling (IoU-Net, Jiang et al. 2018): exact bin averages of the bilinearly interpolated feature map,
-differentiable in the features and in the box coordinates. A drop-in for ``torchvision.ops.roi_align``.
+differentiable in the features and in the box coordinates. An alternative to ``torchvision.ops.roi_align`` with
+the same box format (no half-pixel offset: feature cell (j, i) sits at (x=i, y=j)).
 
 Kernels: ``kernels/prroi_pool/`` (schema + CPU + CUDA), built on first use; autograd and fake kernels live here.
 """

@@ -2,7 +2,7 @@
 
 PrRoI pooling first, then the NMS family.
 
-Precise RoI Pooling (IoU-Net, Jiang et al. 2018) in its exact separable form (docs PAPERS.md):
+Precise RoI Pooling (IoU-Net, Jiang et al. 2018) in its exact separable form (the IoU-Net paper's PrRoI definition):
     out[k, c, p, q] = sum_{h, w} By[k, p, h] * F[b_k, c, h, w] * Bx[k, q, w] / bin_area,
     Bx[k, q, w] = G(x_{q+1} - w) - G(x_q - w),
 with G the antiderivative of the bilinear hat. Differentiable by autograd in the input and the box coordinates.
@@ -73,7 +73,7 @@ def prroi_pool_reference(input: Tensor, rois: Tensor, pooled_height: int, pooled
     Bx = _edge_weights(x1s, bws, PW, W)  # [K, PW, W]
     By = _edge_weights(y1s, bhs, PH, H)  # [K, PH, H]
     out = input.new_zeros((K, C, PH, PW))
-    for n in range(N):
+    for n in range(N if H * W * C else 0):  # an empty map integrates to 0 everywhere
         idx = (batch == n).nonzero().flatten()
         feat = input[n].permute(1, 0, 2).reshape(H, C * W)  # [H, C * W]
         for chunk in idx.split(_ROI_CHUNK):

@@ -1,8 +1,8 @@
 """NMS arms on cached raw detections (config group `nms/`): greedy by any score, IoU-guided (IoU-Net Alg. 1), Soft-NMS.
 
-Every arm works per image and per class, exactly (no coordinate-offset trick), in one kernel call for all images. An arm returns the rows it keeps and the
-score it reports for each: the ranking score for greedy and Soft-NMS (decayed for Soft-NMS), the cluster's best
-classification score for IoU-guided NMS.
+Every arm works per image and per class, exactly (no coordinate-offset trick), in one kernel call for all images.
+An arm returns the rows it keeps and the score it reports for each: the ranking score for greedy and Soft-NMS
+(decayed for Soft-NMS), the cluster's best classification score for IoU-guided NMS.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from iouctl.data.detections import Detections
+from iouctl.data.detections import Detections, rank_per_image
 from iouctl.errors import IouctlError
 
 SCORES = ("cls", "iou", "fused")
@@ -24,7 +24,7 @@ class NoPredictedIoU(IouctlError):
 def ranking_score(dets: Detections, score: str, cls_weight: float = 0.5) -> Tensor:
     """The score an arm ranks by: cls, the predicted IoU, or the fused cls^w * IoU^(1-w) (IoU-aware detector)."""
     if score not in SCORES:
-        raise ValueError(f"score={score!r} is not valid; choose one of {', '.join(SCORES)}")
+        raise ValueError(f"nms.score={score!r} is not valid; choose one of {', '.join(SCORES)}")
     if score == "cls":
         return dets.scores
     if dets.ious is None:
@@ -40,7 +40,7 @@ def ranking_score(dets: Detections, score: str, cls_weight: float = 0.5) -> Tens
 
 @dataclass
 class Kept:
-    index: Tensor   # int64 [K] rows of the input detections, per image in decreasing reported score
+    index: Tensor   # int64 [K] rows of the input detections, image by image, best reported score first
     scores: Tensor  # float32 [K] the score each kept detection reports
 
     def apply(self, dets: Detections) -> Detections:
@@ -49,8 +49,25 @@ class Kept:
         return out
 
 
+def _check_arm(iou_threshold: float, max_per_image: int, score: str = "cls", cls_weight: float = 0.5) -> None:
+    from iouctl.ops.nms import check_real
+
+    check_real(iou_threshold, "nms.iou_threshold", 0.0, 1.0)
+    check_real(cls_weight, "nms.cls_weight", 0.0, 1.0)
+    if score not in SCORES:
+        raise ValueError(f"nms.score={score!r} is not valid; choose one of {', '.join(SCORES)}")
+    if isinstance(max_per_image, bool) or not isinstance(max_per_image, int) or max_per_image < 1:
+        raise ValueError(f"nms.max_per_image must be an integer >= 1, got {max_per_image!r}")
+
+
 class _PerImageNMS:
     max_per_image: int
+    score: str = "cls"
+
+    @property
+    def needs_iou(self) -> bool:
+        """Whether the arm reads predicted IoUs (so it cannot run on a model without an IoU head)."""
+        return self.score != "cls"
 
     def _groups(self, dets: Detections, groups: Tensor) -> tuple[Tensor, Tensor]:
         """(kept rows, reported scores) of the arm run independently within each group id."""
@@ -60,26 +77,16 @@ class _PerImageNMS:
         """Run the arm per (image, class) in one kernel call; then the `max_per_image` best reported scores of each
         image, image by image, best first."""
         if len(dets) == 0:
-            return Kept(torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+            return Kept(torch.zeros(0, dtype=torch.int64, device=dets.device), torch.zeros(0, device=dets.device))
         pairs = torch.stack([dets.image_ids, dets.labels], dim=1)
         groups = torch.unique(pairs, dim=0, return_inverse=True)[1]
         k, s = self._groups(dets, groups)
-        order = torch.sort(s, descending=True, stable=True).indices
-        order = order[torch.sort(dets.image_ids[k[order]], stable=True).indices]  # by image, best first within
-        img = dets.image_ids[k[order]]
-        first = torch.ones_like(img, dtype=torch.bool)
-        first[1:] = img[1:] != img[:-1]
-        start = torch.cummax(torch.where(first, torch.arange(len(img)), 0), 0).values
-        order = order[(torch.arange(len(img)) - start) < self.max_per_image]
+        order, rank = rank_per_image(dets.image_ids[k], s)
+        order = order[rank < self.max_per_image]
         return Kept(k[order], s[order])
 
     def __call__(self, dets: Detections) -> Detections:
         return self.keep(dets).apply(dets)
-
-
-def _check_threshold(iou_threshold: float) -> None:
-    if not 0.0 <= iou_threshold <= 1.0:
-        raise ValueError(f"nms.iou_threshold must be in [0, 1], got {iou_threshold}")
 
 
 class GreedyNMS(_PerImageNMS):
@@ -87,10 +94,12 @@ class GreedyNMS(_PerImageNMS):
 
     def __init__(self, iou_threshold: float = 0.5, score: str = "cls", cls_weight: float = 0.5,
                  max_per_image: int = 100) -> None:
-        _check_threshold(iou_threshold)
-        if score not in SCORES:
-            raise ValueError(f"nms.score={score!r} is not valid; choose one of {', '.join(SCORES)}")
+        _check_arm(iou_threshold, max_per_image, score, cls_weight)
         self.iou_threshold, self.score, self.cls_weight, self.max_per_image = iou_threshold, score, cls_weight, max_per_image
+
+    @property
+    def name(self) -> str:
+        return f"greedy[{self.score}]@{self.iou_threshold:g}"
 
     def _groups(self, dets: Detections, groups: Tensor) -> tuple[Tensor, Tensor]:
         from iouctl.ops import batched_iou_guided_nms
@@ -104,9 +113,15 @@ class GreedyNMS(_PerImageNMS):
 class IoUGuidedNMS(_PerImageNMS):
     """IoU-Net Alg. 1: rank by predicted IoU, each kept box reports the best cls score of the boxes it suppressed."""
 
+    score = "iou"
+
     def __init__(self, iou_threshold: float = 0.5, max_per_image: int = 100) -> None:
-        _check_threshold(iou_threshold)
+        _check_arm(iou_threshold, max_per_image)
         self.iou_threshold, self.max_per_image = iou_threshold, max_per_image
+
+    @property
+    def name(self) -> str:
+        return f"iou-guided@{self.iou_threshold:g}"
 
     def _groups(self, dets: Detections, groups: Tensor) -> tuple[Tensor, Tensor]:
         from iouctl.ops import batched_iou_guided_nms
@@ -116,20 +131,25 @@ class IoUGuidedNMS(_PerImageNMS):
 
 
 class SoftNMS(_PerImageNMS):
-    """Soft-NMS (Bodla et al.) per class on the ranking score; reports the decayed score."""
+    """Soft-NMS (Bodla et al.) per class on the ranking score; reports the decayed score. The gaussian decay has no
+    IoU threshold (iou_threshold is used by the linear decay only)."""
 
     def __init__(self, method: str = "gaussian", sigma: float = 0.5, iou_threshold: float = 0.3,
                  score_threshold: float = 0.001, score: str = "cls", cls_weight: float = 0.5,
                  max_per_image: int = 100) -> None:
-        if method not in ("linear", "gaussian"):
-            raise ValueError(f"nms.method={method!r} is not valid; choose linear or gaussian")
-        if sigma <= 0:
-            raise ValueError(f"nms.sigma must be > 0, got {sigma}")
-        _check_threshold(iou_threshold)
-        if score not in SCORES:
-            raise ValueError(f"nms.score={score!r} is not valid; choose one of {', '.join(SCORES)}")
+        from iouctl.ops.nms import check_soft_args
+
+        try:
+            check_soft_args(method, sigma, iou_threshold, score_threshold)
+        except ValueError as e:
+            raise ValueError(f"nms.{e}") from None
+        _check_arm(iou_threshold, max_per_image, score, cls_weight)
         self.method, self.sigma, self.iou_threshold, self.score_threshold = method, sigma, iou_threshold, score_threshold
         self.score, self.cls_weight, self.max_per_image = score, cls_weight, max_per_image
+
+    @property
+    def name(self) -> str:
+        return f"soft-{self.method}[{self.score}]" + (f"@{self.iou_threshold:g}" if self.method == "linear" else "")
 
     def _groups(self, dets: Detections, groups: Tensor) -> tuple[Tensor, Tensor]:
         from iouctl.ops import batched_soft_nms

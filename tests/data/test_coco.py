@@ -339,3 +339,16 @@ def test_arbitrary_field_values_never_crash(field, value, index):
     for a in rep.annotations:
         x, y, w, h = a["bbox"]
         assert all(math.isfinite(v) for v in a["bbox"]) and w > 0 and h > 0
+
+
+def test_null_image_size_is_accepted_without_a_crash(tmp_path):
+    import json
+
+    from iouctl.data.coco import validate_coco
+
+    ann = {"images": [{"id": 1, "file_name": "a.png", "width": None, "height": None}],
+           "categories": [{"id": 1, "name": "x"}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 3, 2], "area": 6, "iscrowd": 0}]}
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps(ann))
+    assert validate_coco(p).ok

@@ -159,3 +159,24 @@ def test_wandb_gets_table_plots_and_correlations(cache):
     assert logged["corr_before/iou/pearson"] == pytest.approx(res["correlation_before_nms"]["iou"]["pearson"])
     fused = res["arms"][1]
     assert fused["arm"] == "greedy[fused]@0.5" and logged["greedy[fused]@0.5/AP90"] == pytest.approx(fused["AP90"])
+
+
+def test_soft_nms_baseline_on_detections_without_iou(cache):
+    gt = _tiny_gt(cache)
+    dets = synthesize_detections(gt, seed=2)
+    dets.ious = None
+    path = dets.save(cache / "noiou.npz")
+    r = runner.invoke(app, ["nms-ablate", "nms=soft_linear", "--nms", "greedy", *TINY, f"run={path}",
+                            f"paths.runs_dir={cache / 'runs'}"])
+    assert r.exit_code == 0, r.output
+    arms = [a["arm"] for a in json.loads((_only_run(cache / "runs") / "results.json").read_text())["arms"]]
+    assert arms == ["soft-linear[cls]@0.3", "greedy[cls]@0.5", "greedy[cls]@0.6", "greedy[cls]@0.7"]
+
+
+def test_baseline_with_other_settings_runs_beside_its_twin(cache):
+    r = runner.invoke(app, ["nms-ablate", "--synthetic", "--nms", "greedy", "--score", "cls", "nms.max_per_image=5",
+                            *TINY, f"paths.runs_dir={cache / 'runs'}"])
+    assert r.exit_code == 0, r.output
+    arms = json.loads((_only_run(cache / "runs") / "results.json").read_text())["arms"]
+    assert [a["arm"] for a in arms][:2] == ["greedy[cls]@0.5", "greedy[cls]@0.5'"]
+    assert arms[0]["kept"] < arms[1]["kept"]  # 5 per image against the grid's 100

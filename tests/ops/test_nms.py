@@ -264,10 +264,22 @@ def test_soft_nms_equals_plain_loop(impl, dtype, method, name, n, ties):
 @pytest.mark.parametrize("method", ["linear", "gaussian"])
 def test_soft_nms_thresholds_and_sigma(method):
     boxes, scores, _, _ = clustered(100, 6, torch.float64, seed=2)
-    for sigma, thr, st_ in [(0.1, 0.0, 0.0), (2.0, 0.9, 0.3), (0.5, 1.0, -1.0)]:
+    for sigma, thr, st_ in [(0.1, 0.0, 0.0), (2.0, 0.9, 0.3), (0.5, 1.0, 0.0)]:
         keep, new = soft_nms(boxes, scores, method, sigma, thr, st_)
         wk, wn = loop_soft(boxes, scores, method, sigma, thr, st_)
         assert keep.tolist() == wk and new.tolist() == wn
+
+
+@pytest.mark.parametrize("method", ["linear", "gaussian"])
+def test_soft_nms_negative_scores(method):
+    # A decay would raise a negative score; score_threshold >= 0 drops them first, so the kernel's order holds.
+    boxes, scores, _, _ = clustered(80, 5, torch.float64, seed=21)
+    scores = scores * 2 - 1
+    keep, new = soft_nms(boxes, scores, method, 0.5, 0.3, 0.0)
+    wk, wn = loop_soft(boxes, scores, method, 0.5, 0.3, 0.0)
+    assert keep.tolist() == wk and new.tolist() == wn and bool((new >= 0).all())
+    with pytest.raises(ValueError, match="score_threshold must be >= 0"):
+        soft_nms(boxes, scores, method, 0.5, 0.3, -1.0)
 
 
 def test_soft_nms_known_values():
