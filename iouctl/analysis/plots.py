@@ -23,7 +23,7 @@ PANEL_INCHES = 4.0
 DPI = 100
 
 
-def _new_figure(width_in: float, height_in: float) -> Any:
+def new_figure(width_in: float, height_in: float) -> Any:
     # A bare Figure on an Agg canvas: no pyplot global state, no GUI backend, safe in threads and tests.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -33,7 +33,7 @@ def _new_figure(width_in: float, height_in: float) -> Any:
     return fig
 
 
-def _save_png(fig: Any, out_png: str | os.PathLike) -> Path:
+def save_png(fig: Any, out_png: str | os.PathLike) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)  # no bbox_inches="tight": keeps the pixel size predictable
     return atomic_write(out_png, buf.getvalue())
@@ -65,7 +65,7 @@ def plot_score_vs_iou(
     index = np.arange(n)
     if n > max_points:
         index = np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
-    fig = _new_figure(PANEL_INCHES * len(vals), PANEL_INCHES)
+    fig = new_figure(PANEL_INCHES * len(vals), PANEL_INCHES)
     axes = fig.subplots(1, len(vals), squeeze=False)[0]
     panels = {}
     for ax, (name, v) in zip(axes, vals.items()):
@@ -80,7 +80,7 @@ def plot_score_vs_iou(
         off = np.asarray(ax.collections[0].get_offsets(), dtype=np.float64).reshape(-1, 2)
         panels[name] = {"x": off[:, 0], "y": off[:, 1], "pearson": r, "title": ax.get_title()}
     fig.tight_layout()
-    path = _save_png(fig, out_png)
+    path = save_png(fig, out_png)
     w, h = fig.canvas.get_width_height()
     return {"path": path, "size": (w, h), "index": index, "panels": panels}
 
@@ -104,7 +104,7 @@ def plot_ap_vs_threshold(
     # An ablation grid has ~25 arms: the legend goes beside the axes, in as many columns as it needs.
     ncol = math.ceil(len(curves) / 18)
     plot_w = 6.0
-    fig = _new_figure(plot_w + 1.9 * ncol, 4.0) if len(curves) > 1 else _new_figure(plot_w, 4.0)
+    fig = new_figure(plot_w + 1.9 * ncol, 4.0) if len(curves) > 1 else new_figure(plot_w, 4.0)
     ax = fig.subplots()
     lines = {}
     from matplotlib import colormaps
@@ -135,6 +135,6 @@ def plot_ap_vs_threshold(
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=ncol, frameon=False)
     # Fixed margins (inches): tight_layout would shrink the axes to make room for the outside legend.
     fig.subplots_adjust(left=0.8 / width, right=(plot_w - 0.2) / width, bottom=0.13, top=0.95)
-    path = _save_png(fig, out_png)
+    path = save_png(fig, out_png)
     w, h = fig.canvas.get_width_height()
     return {"path": path, "size": (w, h), "lines": lines}

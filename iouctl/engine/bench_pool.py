@@ -16,8 +16,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from iouctl.fileio import atomic_write_with
-
 IMPLS = ("prroi", "prroi_reference", "roi_align", "roi_align_adaptive", "roi_pool")
 BASELINE = "roi_align"
 PHASES = ("forward", "forward_backward")
@@ -284,14 +282,12 @@ def _report(run, rows: list[dict], summary: dict, machine: dict, config: dict) -
 
 def _plot(run, rows: list[dict]):
     """Median time vs RoI size (numeric sizes only), one panel per (device, phase), one line per impl."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from iouctl.analysis.plots import new_figure, save_png
 
     panels = sorted({(r["device"], r["phase"], r["num_rois"]) for r in rows if r["roi_size"] != MIXED})
     if not panels:
         return None
-    fig = Figure(figsize=(5 * len(panels), 4))
-    FigureCanvasAgg(fig)
+    fig = new_figure(5 * len(panels), 4)
     for i, (device, phase, k) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         for impl in dict.fromkeys(r["impl"] for r in rows):
@@ -307,9 +303,7 @@ def _plot(run, rows: list[dict]):
         ax.set_title(f"{device}, {phase}, {k} RoIs")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = run.path("plots", "bench_pool.png")
-    atomic_write_with(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    return path
+    return save_png(fig, run.path("plots", "bench_pool.png"))
 
 
 def bench_pool(cfg, run) -> list[dict]:
