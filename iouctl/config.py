@@ -111,7 +111,7 @@ def _composition_message(exc: Exception, command: str, overrides: list[str]) -> 
     m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Could not append to config\. An item is already at '([^']+)'", text)
     if m or (cause and "not in struct" in str(cause)) or "Key '" in text and "not in struct" in text:
         key = m.group(1) if m else _key_from(str(cause or text))
-        return _unknown_key_message(command, key)
+        return _unknown_key_message(command, key, [o for o in overrides if _is_group_choice(o)])
     m = re.search(r"Error merging override (\S+)", text)
     if m and cause is not None:
         key = getattr(cause, "full_key", None) or m.group(1).split("=")[0].lstrip("+~")
@@ -127,17 +127,23 @@ def _key_from(text: str) -> str:
     return m.group(1) if m else "?"
 
 
-def _unknown_key_message(command: str, key: str) -> str:
+def _is_group_choice(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return "=" in override and "." not in key and (CONF_DIR / key).is_dir()
+
+
+def _unknown_key_message(command: str, key: str, choices: list[str]) -> str:
     parent, _, leaf = key.rpartition(".")
-    valid = _keys_at(command, parent)
+    valid = _keys_at(command, parent, choices)
     where = f"under {parent!r}" if parent else "at the top level"
     hint = f"; valid keys {where}: {', '.join(valid)}" if valid else ""
     return f"unknown config key {key!r} for `iouctl {command}`{hint}"
 
 
-def _keys_at(command: str, parent: str) -> list[str]:
+def _keys_at(command: str, parent: str, choices: list[str]) -> list[str]:
+    """The keys under `parent` with the user's group choices applied (model=... changes the model's keys)."""
     try:
-        cfg = compose(command, [], allow_missing=True)
+        cfg = compose(command, choices, allow_missing=True)
     except ConfigError:
         return []
     node = OmegaConf.select(cfg, parent) if parent else cfg

@@ -305,28 +305,30 @@ def read_status(run_dir: Path) -> str:
     return (Path(run_dir) / "status").read_text().strip()
 
 
-def latest_run(runs_dir: str | Path, commands: Sequence[str], status: str = "COMPLETED",
+def latest_run(runs_dir: str | Path, commands: Sequence[str], status: str | None = "COMPLETED",
                has: str | None = None) -> Path | None:
-    """The newest run (by folder name, i.e. start time) of any of `commands` with the given status, and holding the
-    file `has` (a path relative to the run) when given."""
+    """The newest run (by folder name, i.e. start time) of any of `commands` with the given status (None: any), and
+    holding the file `has` (a path relative to the run) when given."""
     found: list[Path] = []
     for c in commands:
         base = Path(runs_dir).expanduser() / c
         if base.is_dir():
-            found += [d for d in base.iterdir() if (d / "status").is_file() and read_status(d) == status
-                      and (has is None or (d / has).is_file())]
+            found += [d for d in base.iterdir() if (d / "status").is_file()
+                      and (status is None or read_status(d) == status) and (has is None or (d / has).is_file())]
     return max(found, key=lambda d: (d.name, str(d))) if found else None
 
 
-def find_run_file(run: str | None, runs_dir: str | Path, commands: Sequence[str], relpath: str) -> Path:
-    """`relpath` inside the run folder `run` (or `run` itself when it is a file), or inside the newest completed run of
-    `commands` that has it. One clear IouctlError when there is none."""
+def find_run_file(run: str | None, runs_dir: str | Path, commands: Sequence[str], relpath: str,
+                  status: str | None = "COMPLETED") -> Path:
+    """`relpath` inside the run folder `run` (or `run` itself when it is a file), or inside the newest run of
+    `commands` with `status` (None: any, e.g. a killed run to resume) that has it. One clear IouctlError if none."""
     from iouctl.errors import IouctlError
 
     if run is None:
-        latest = latest_run(runs_dir, commands, has=relpath)
+        latest = latest_run(runs_dir, commands, status=status, has=relpath)
         if latest is None:
-            raise IouctlError(f"no completed {'/'.join(commands)} run under {runs_dir} has {relpath}; pass run=<dir>")
+            what = "completed " if status == "COMPLETED" else ""
+            raise IouctlError(f"no {what}{'/'.join(commands)} run under {runs_dir} has {relpath}; pass run=<dir>")
         return latest / relpath
     path = Path(run).expanduser()
     if path.is_file():

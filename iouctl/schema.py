@@ -208,6 +208,8 @@ class Train(_Command):
     amp: bool = MISSING
     clip_grad_norm: Optional[float] = None
     resume: bool = MISSING
+    run: Optional[str] = None
+    eval_backend: str = MISSING
 
 
 @dataclass

@@ -24,29 +24,120 @@ app.add_typer(data_app, name="data")
 
 @app.command()
 def train(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> None:
-    """Train a detector (model=retina|iou_retina|faster_rcnn|iou_net) and evaluate it at the end."""
-    _needs_detector("train", overrides, cfg)
+    """Train a detector (model=retina|iou_retina|faster_rcnn|iou_net), then evaluate it on the val split."""
+    def body(conf, run):
+        from iouctl import config
+        from iouctl.engine.train import CHECKPOINT, train as run_train
+        from iouctl.runs import find_run_file
+
+        data, model, nms, evaluate_fn = _detector_inputs(conf, run)
+        resume = find_run_file(conf.run, conf.paths.runs_dir, ["train"], CHECKPOINT, status=None) \
+            if conf.resume else None
+        return run_train(conf, run, data, model, config.instantiate(conf.optim), nms, resume, evaluate_fn)
+
+    run_experiment("train", overrides, cfg, body)
 
 
 @app.command("eval")
 def evaluate(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> None:
-    """Evaluate a trained run (run=<dir> or checkpoint=<file>): raw detections, NMS, AP table, correlations."""
-    _needs_detector("eval", overrides, cfg)
+    """Evaluate a trained run (run=<dir>, default the latest) or checkpoint=<file>: raw detections, NMS, AP table,
+    correlations. A run's own model, data and pool settings are used unless overridden."""
+    found: dict = {}
+    if not cfg:
+        with user_errors():  # a missing run or checkpoint fails before a run directory is made
+            found["checkpoint"], found["extra"] = _train_run_overrides(overrides)
+
+    def body(conf, run):
+        from iouctl.engine.train import load_checkpoint
+        from iouctl.errors import IouctlError
+
+        data, model, nms, evaluate_fn = _detector_inputs(conf, run)
+        state = load_checkpoint(found["checkpoint"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise IouctlError(f"checkpoint {found['checkpoint']} does not fit model={conf.model._target_} "
+                              f"({str(e).splitlines()[0][:160]}); pass the model config it was trained with") from None
+        return evaluate_fn(model, step=int(state.get("iteration", 0)), split=str(conf.split))
+
+    run_experiment("eval", overrides, cfg, body, extra_overrides=found.get("extra"))
 
 
-def _needs_detector(command: str, overrides: Optional[List[str]], print_cfg: bool) -> None:
-    """Commands whose machinery is the detectors: the config is checked, then building the model stops with one
-    clear line, before any run directory is made."""
-    from iouctl.cli.common import compose, print_config
+def _train_run_overrides(overrides: Optional[List[str]]) -> tuple:
+    """(checkpoint file, overrides that restore the train run's model/data/pool) for `iouctl eval`."""
+    from iouctl.cli.common import compose
+    from iouctl.engine.train import CHECKPOINT
+    from iouctl.errors import IouctlError
+    from iouctl.runs import find_run_file
 
-    with user_errors():
-        conf = compose(command, overrides, allow_missing=print_cfg)
-        if print_cfg:
-            print_config(conf)
-            return
-        from iouctl import config
+    conf = compose("eval", overrides)
+    if conf.checkpoint is not None:
+        from pathlib import Path
 
-        config.instantiate(conf.model, num_classes=1)
+        ckpt = Path(conf.checkpoint).expanduser()
+        if not ckpt.is_file():
+            raise IouctlError(f"checkpoint={conf.checkpoint}: no such file")
+        return ckpt, []
+    ckpt = find_run_file(conf.run, conf.paths.runs_dir, ["train"], CHECKPOINT)
+    run_dir = ckpt.parent.parent
+    choices = []
+    import yaml
+
+    trained = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for group in ("model", "data", "pool"):
+        for key, value in (trained.get(group) or {}).items():
+            choices.append(f"{group}.{key}={_override_value(value)}")
+    targets = {g: (trained.get(g) or {}).get("_target_") for g in ("model", "data")}
+    given = {o.split("=", 1)[0] for o in (overrides or [])}
+    restored = [f"{g}={_option_for(g, t)}" for g, t in targets.items() if g not in given]
+    restored += [c for c in choices if c.split("=", 1)[0] not in given and c.split(".", 1)[0] not in given]
+    return ckpt, restored + ([f"name={trained['name']}"] if "name" not in given else [])
+
+
+def _override_value(value) -> str:
+    import json
+
+    return "null" if value is None else json.dumps(value) if isinstance(value, (list, str)) else str(value).lower() \
+        if isinstance(value, bool) else str(value)
+
+
+def _option_for(group: str, target: str) -> str:
+    """The option file of `group` whose _target_ is `target` (the first, when several share it)."""
+    import yaml
+
+    from iouctl.config import CONF_DIR, group_options
+
+    for option in group_options(group):
+        if yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text()).get("_target_") == target:
+            return option
+    from iouctl.errors import IouctlError
+
+    raise IouctlError(f"the train run's {group} ({target}) matches no option of conf/{group}/")
+
+
+def _detector_inputs(conf, run) -> tuple:
+    """Data (prepared), model, the NMS arm and an evaluation closure for train/eval."""
+    from iouctl import config
+    from iouctl.engine.evaluate import evaluate_detections, predict
+    from iouctl.engine.train import CategoryMap, resolve_device
+
+    import torch
+
+    data = config.instantiate(conf.data)
+    data.prepare()
+    torch.manual_seed(int(conf.seed))  # the initial weights are part of the experiment
+    model = config.instantiate(conf.model, num_classes=data.num_classes, pool=config.instantiate(conf.pool))
+    nms = config.instantiate(conf.nms)
+    device = resolve_device(str(conf.device))
+    cats = CategoryMap(data.categories)
+
+    def evaluate_fn(net, step=None, split="val"):
+        dets = predict(net.to(device), data.dataset(split), cats.ids, device, int(conf.batch_size),
+                       int(conf.num_workers), run, {"model": conf.model._target_, "split": split})
+        return evaluate_detections(run, dets, data.ann_file(split), nms, str(conf.eval_backend), split,
+                                   float(getattr(nms, "cls_weight", 0.5)), step)
+
+    return data, model, nms, evaluate_fn
 
 
 class Score(str, Enum):
@@ -107,7 +198,15 @@ def _ablation_inputs(conf) -> tuple:
 @app.command()
 def refine(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> None:
     """IoU-guided box refinement (IoU-Net Alg. 2) of an iou_net run's detections, with AP before/after."""
-    _needs_detector("refine", overrides, cfg)
+    from iouctl.cli.common import compose, print_config
+    from iouctl.errors import NotAvailableYet
+
+    with user_errors():
+        conf = compose("refine", overrides, allow_missing=cfg)
+        if cfg:
+            print_config(conf)
+            return
+        raise NotAvailableYet("box refinement (IoU-Net Alg. 2) is not implemented yet in this version of iouctl")
 
 
 # `bench-pool --quick` and the demo's pooling step: seconds, not minutes, on a 2-core CPU.

@@ -59,9 +59,15 @@ def test_bad_flag_value_lists_choices():
     assert r.exit_code == 2 and all(f"'{c}'" in r.output for c in ("cls", "iou", "fused"))
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "refine"])
-def test_commands_without_detectors_fail_clearly_and_leave_no_run(command, tmp_path):
-    r = runner.invoke(app, [command, f"paths.runs_dir={tmp_path}"])
+def test_refine_fails_clearly_and_leaves_no_run(tmp_path):
+    r = runner.invoke(app, ["refine", f"paths.runs_dir={tmp_path}"])
     assert r.exit_code == 3
     assert "not implemented yet" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_eval_without_a_train_run_is_one_line(tmp_path):
+    r = runner.invoke(app, ["eval", f"paths.runs_dir={tmp_path}"])
+    assert r.exit_code == 2 and "no completed train run" in r.stderr and not any(tmp_path.iterdir())
+    r = runner.invoke(app, ["eval", f"checkpoint={tmp_path / 'nope.pt'}", f"paths.runs_dir={tmp_path}"])
+    assert r.exit_code == 2 and "no such file" in r.stderr

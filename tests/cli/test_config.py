@@ -3,7 +3,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from iouctl import config
-from iouctl.errors import ConfigError, NotAvailableYet
+from iouctl.errors import ConfigError
 
 # The command whose primary config holds each group.
 GROUP_COMMAND = {
@@ -42,9 +42,11 @@ def test_every_option_composes_and_instantiates(group, option):
     if group == "paths":
         assert set(node) == {"runs_dir", "cache_dir"}
         return
-    if group == "model":  # builders exist with their full signatures; the detectors arrive later
-        with pytest.raises(NotAvailableYet, match="not implemented yet"):
-            config.instantiate(node, num_classes=3)
+    if group == "model":
+        import torch
+
+        model = config.instantiate(node, num_classes=3, pool=config.instantiate(cfg.pool))
+        assert isinstance(model, torch.nn.Module) and model.has_iou_head == option.startswith("iou_")
         return
     obj = config.instantiate(node)
     if node is None:

@@ -1,0 +1,62 @@
+"""Inference on a split -> raw detections (the shared .npz format) -> NMS -> COCO AP and IoU-vs-score correlations."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from rich.markup import escape
+
+from iouctl.analysis import AP_KEYS, correlations, evaluate, fmt_ap, plot_score_vs_iou, true_iou
+from iouctl.data import collate_detection
+from iouctl.data.detections import Detections
+from iouctl.postprocess.suppression import ranking_score
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, dataset: Any, category_ids: torch.Tensor, device: torch.device,
+            batch_size: int, num_workers: int, run: Any, meta: dict) -> Detections:
+    """Raw (pre-NMS) detections of `model` on every image of `dataset`; labels mapped back to COCO category ids."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         collate_fn=collate_detection)
+    parts = []
+    model.eval()
+    with run.progress(transient=True) as progress:
+        task = progress.add_task("inference", total=len(dataset))
+        for images, targets in loader:
+            outputs = model([im.to(device) for im in images])
+            for out, t in zip(outputs, targets):
+                n = len(out["boxes"])
+                parts.append(Detections(
+                    torch.full((n,), int(t["image_id"]), dtype=torch.int64), out["boxes"].float().cpu(),
+                    category_ids[out["labels"].cpu()], out["scores"].float().cpu(),
+                    out["ious"].float().cpu() if "ious" in out else None, {}))
+            progress.advance(task, len(images))
+    with_ious = any(p.ious is not None for p in parts)
+    return Detections.concat(parts, meta=meta) if parts else Detections.empty(with_ious, meta)
+
+
+def evaluate_detections(run: Any, dets: Detections, gt: Any, nms: Any, backend: str, split: str, cls_weight: float,
+                        step: int | None = None) -> dict:
+    """Save the raw detections, apply `nms`, report AP and the correlation of each score with the true IoU."""
+    dets.save(run.path("detections", f"{split}.npz"))
+    kept = nms(dets)
+    metrics = evaluate(gt, kept, backend=backend)
+    tiou = true_iou(gt, dets)
+    scores = {"cls": dets.scores}
+    if dets.has_ious:
+        scores["iou"] = dets.ious
+        scores["fused"] = ranking_score(dets, "fused", cls_weight)
+    corr = correlations(tiou, scores)
+    png = plot_score_vs_iou(tiou, scores, run.path("plots", f"score_vs_true_iou_{split}.png"))["path"]
+    run.log_image(f"plots/score_vs_true_iou_{split}", png)
+    row = {f"{split}/{k}": metrics[k] for k in AP_KEYS}
+    row.update({f"{split}/pearson_{s}": c["pearson"] for s, c in corr.items()})
+    run.log(row, step=step)
+    result = {"metrics": metrics, "correlations": corr, "num_raw": len(dets), "num_kept": len(kept),
+              "nms": getattr(nms, "name", type(nms).__name__)}
+    run.write_json(f"eval_{split}.json", result)
+    run.console.print(escape(
+        f"{split} after {result['nms']}: " + "  ".join(f"{k} {fmt_ap(metrics[k])}" for k in
+                                                      ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90"))))
+    run.console.print("Pearson with the true IoU: " + ", ".join(f"{s} {c['pearson']:.3f}" for s, c in corr.items()))
+    return result
