@@ -4,6 +4,7 @@ Imports stay light (no torch, torchvision, wandb): `iouctl --help` must be insta
 """
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, List, Optional
@@ -79,10 +80,22 @@ def run_experiment(command: str, overrides: Optional[List[str]], print_cfg: bool
         from iouctl.runs import open_run
 
         logger = config.instantiate(cfg.logger)
-        with open_run(command, str(cfg.name), str(cfg.paths.runs_dir), config.to_yaml(cfg), overrides,
+        runs_dir = str(cfg.paths.runs_dir)
+        if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 owns the run directory and the logger
+            import tempfile
+
+            from iouctl.loggers import NullLogger
+
+            runs_dir, logger = tempfile.mkdtemp(prefix=f"iouctl-rank{os.environ['RANK']}-"), NullLogger()
+        with open_run(command, str(cfg.name), runs_dir, config.to_yaml(cfg), overrides,
                       config=config.to_dict(cfg), logger=logger, console=err_console) as run:
             current["dir"] = run.dir
             run.console.print(f"[bold]iouctl {command}[/] -> {run.dir}")
             result = body(cfg, run)
+        if runs_dir != str(cfg.paths.runs_dir):  # a non-zero rank's scratch run
+            import shutil
+
+            shutil.rmtree(runs_dir, ignore_errors=True)
+            return result
         err_console.print(f"[green]done[/]: {run.dir}")
         return result

@@ -175,4 +175,5 @@ def train(cfg: Any, run: Any, data: Any, model: torch.nn.Module, make_optimizer:
     result = {"iterations": max_iters, "checkpoint": str(ckpt_path)}
     if evaluate_fn is not None and rank == 0:
         result["eval"] = evaluate_fn(model, step=max_iters)
+    dist.shutdown()
     return result

@@ -109,3 +109,17 @@ def test_lr_schedule():
     assert lr_factor(10, 10, 0.1, [20, 30], 0.1) == 1.0
     assert lr_factor(25, 10, 0.1, [20, 30], 0.1) == pytest.approx(0.1)
     assert lr_factor(30, 10, 0.1, [20, 30], 0.1) == pytest.approx(0.01)
+
+
+def test_torchrun_two_cpu_processes(env):
+    """DistributedDataParallel over gloo with 2 processes: one run directory (rank 0), training completes."""
+    runs = env / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "-m", "iouctl",
+           "train", "model=retina", *TINY, "schedule.max_iters=2", "device=cpu", f"paths.runs_dir={runs}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (d,) = list((runs / "train").iterdir())
+    assert (d / "status").read_text().strip() == "COMPLETED"
+    assert torch.load(d / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 2
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r["step"] for r in rows] == [1, 2]
