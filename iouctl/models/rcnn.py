@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
-import pickle
 from collections import OrderedDict
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +25,11 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
-from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.poolers import LevelMapper
 
-from iouctl.errors import ConfigError, IouctlError
+from iouctl.errors import ConfigError
+from iouctl.models.backbones import BACKBONES, STAGE_CHANNELS, backbone_body
 
-BACKBONES = ("small", "resnet18", "resnet50")
 IOU_LOSSES = ("smooth_l1", "bce")
 _IMAGENET_MEAN = [0.485, 0.456, 0.406]
 _IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -50,68 +47,19 @@ _JITTER_MAX = 0.35  # max edge shift as a fraction of the box side; < 0.5 keeps 
 
 
 # ------------------------------------------------------------------------------------------------------ backbones
-def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-def _small_body() -> tuple[nn.Module, list[int]]:
-    """A 9-conv net with C2..C5 at strides 4..32 (channels 32, 64, 128, 128): ~1 ms per 128x128 image on a CPU."""
-    body = nn.Sequential(OrderedDict([
-        ("c2", nn.Sequential(_conv_bn(3, 16, 2), _conv_bn(16, 32, 2))),
-        ("c3", nn.Sequential(_conv_bn(32, 64, 2), _conv_bn(64, 64, 1))),
-        ("c4", nn.Sequential(_conv_bn(64, 128, 2), _conv_bn(128, 128, 1))),
-        ("c5", nn.Sequential(_conv_bn(128, 128, 2), _conv_bn(128, 128, 1))),
-    ]))
-    return body, [32, 64, 128, 128]
-
-
-def _resnet_body(name: str, pretrained: str | None) -> tuple[nn.Module, list[int], dict[str, str]]:
-    """torchvision ResNet (weights=None, never downloaded), ImageNet weights from a local state_dict file if given."""
-    from torchvision.models import resnet18, resnet50
-
-    ctor = {"resnet18": resnet18, "resnet50": resnet50}[name]
-    path = Path(pretrained).expanduser() if pretrained else None
-    if path is not None and not path.is_file():
-        raise IouctlError(f"pretrained weights file not found: {path} (give a local ImageNet state_dict for "
-                          f"{name}, or pretrained=null to train from scratch; nothing is downloaded)")
-    # as torchvision's detection builders: frozen BN and frozen stem+layer1 with pretrained weights, BN otherwise
-    net = ctor(weights=None, norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
-    if path is not None:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            net.load_state_dict(state)
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, TypeError, AttributeError) as e:
-            # unreadable, not a state_dict, or keys/shapes of another net: one line naming the file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise IouctlError(f"cannot load {path} as {name} ImageNet weights: {first}") from None
-        for pname, p in net.named_parameters():
-            if not pname.startswith(("layer2", "layer3", "layer4")):
-                p.requires_grad_(False)
-    width = 64 if name == "resnet18" else 256
-    return net, [width, width * 2, width * 4, width * 8], {"layer1": "c2", "layer2": "c3", "layer3": "c4",
-                                                              "layer4": "c5"}
-
-
 def build_backbone(backbone: str, pretrained: str | None, num_levels: int) -> BackboneWithFPN:
     """Backbone + FPN with ``num_levels`` outputs named "0".."L-1" at strides 4, 8, .., (P2.., P6 = max-pool of P5).
 
     Returns a module mapping Tensor[N, 3, H, W] -> OrderedDict[str, Tensor[N, C, H/s, W/s]], with ``out_channels``.
     """
-    if backbone not in BACKBONES:
-        raise ConfigError(f"backbone must be one of {', '.join(BACKBONES)}; got {backbone!r}")
     if not 1 <= num_levels <= _MAX_LEVELS:
         raise ConfigError(f"anchor_sizes must have 1 to {_MAX_LEVELS} entries (one per FPN level P2..P6); "
                           f"got {num_levels}")
-    if backbone == "small":
-        if pretrained:
-            raise ConfigError("pretrained weights exist only for the resnet backbones; use pretrained=null with "
-                              "backbone=small")
-        body, channels = _small_body()
-        names = {"c2": "c2", "c3": "c3", "c4": "c4", "c5": "c5"}
-    else:
-        body, channels, names = _resnet_body(backbone, pretrained)
+    body = backbone_body(backbone, pretrained)
+    names = ["layer1", "layer2", "layer3", "layer4"]
+    channels = [STAGE_CHANNELS[backbone][n] for n in names]
     used = min(num_levels, len(_C_STRIDES))
-    return_layers = {layer: str(i) for i, layer in enumerate(list(names)[:used])}
+    return_layers = {layer: str(i) for i, layer in enumerate(names[:used])}
     extra = LastLevelMaxPool() if num_levels > len(_C_STRIDES) else _NoExtra()
     return BackboneWithFPN(body, return_layers, channels[:used], _SIZES[backbone]["fpn"], extra_blocks=extra)
 

@@ -10,26 +10,22 @@ column (sigmoid focal loss).
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Sequence
-from pathlib import Path
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import resnet18, resnet50
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead, RetinaNetRegressionHead
-from torchvision.ops import FrozenBatchNorm2d, clip_boxes_to_image
+from torchvision.ops import clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
 from iouctl.errors import ConfigError
+from iouctl.models.backbones import STAGE_CHANNELS, backbone_body
 
-BACKBONES = ("small", "resnet18", "resnet50")
 MAX_LEVELS = 5  # P3..P7, the paper's pyramid
 SMOOTH_L1_BETA = 1.0 / 9.0  # Detectron / mmdet-v1 RetinaNet, the code base of Wu et al.
 
@@ -55,56 +51,6 @@ class _ExtraLevels(ExtraFPNBlock):
         return results, names
 
 
-def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-
-class SmallNet(nn.Module):
-    """A 5-stage conv net (strides 2..32) sized for 128x128 CPU experiments; stage names follow torchvision's ResNet
-    (layer2..layer4 = C3..C5) so one FPN wrapper serves every backbone."""
-
-    channels: ClassVar[dict[str, int]] = {"layer2": 64, "layer3": 128, "layer4": 128}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(*_conv_bn(3, 16, 2))
-        self.layer1 = nn.Sequential(*_conv_bn(16, 32, 2))
-        self.layer2 = nn.Sequential(*_conv_bn(32, 64, 2), *_conv_bn(64, 64, 1))
-        self.layer3 = nn.Sequential(*_conv_bn(64, 128, 2), *_conv_bn(128, 128, 1))
-        self.layer4 = nn.Sequential(*_conv_bn(128, 128, 2), *_conv_bn(128, 128, 1))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
-
-
-def _load_imagenet(net: nn.Module, name: str, pretrained: str) -> None:
-    path = Path(pretrained).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"pretrained weights file not found: {path} (give a local {name} ImageNet state_dict file, "
-                          f"or pretrained=null; nothing is downloaded)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:  # corrupt / not torch
-        raise ConfigError(f"pretrained weights file {path} could not be read as a torch state_dict: "
-                          f"{type(exc).__name__}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"pretrained weights file {path} is not a state_dict (a dict of tensors)")
-    own = net.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
-    bad_shape = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or bad_shape:
-        raise ConfigError(f"pretrained weights file {path} does not fit {name}: {len(missing)} missing, "
-                          f"{len(unexpected)} unexpected, {len(bad_shape)} mis-shaped keys "
-                          f"(first: {(missing + unexpected + bad_shape)[0]})")
-    net.load_state_dict(state, strict=False)  # strict on weights above; num_batches_tracked may be absent
-
-
 def build_fpn_backbone(backbone: str, pretrained: str | None, num_levels: int,
                        out_channels: int | None = None) -> BackboneWithFPN:
     """An FPN backbone with `num_levels` outputs P3..P(2+num_levels) (strides 8, 16, ...): C3..C5 through the FPN,
@@ -114,29 +60,12 @@ def build_fpn_backbone(backbone: str, pretrained: str | None, num_levels: int,
     module has `out_channels`. `pretrained` (ResNets only) is a local ImageNet state_dict file; with it the BatchNorms
     are frozen and the stem + layer1 stay fixed (torchvision's trainable_layers=3), without it all is trained.
     """
-    if backbone not in BACKBONES:
-        raise ConfigError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
     if not 1 <= num_levels <= MAX_LEVELS:
         raise ConfigError(f"need 1..{MAX_LEVELS} anchor sizes (one per FPN level P3..P7), got {num_levels}")
     names = ["layer2", "layer3", "layer4"][:min(num_levels, 3)]
-    if backbone == "small":
-        if pretrained is not None:
-            raise ConfigError("pretrained weights exist only for the resnet18/resnet50 backbones; "
-                              "use pretrained=null with backbone=small")
-        net: nn.Module = SmallNet()
-        in_channels = [SmallNet.channels[n] for n in names]
-        out_channels = out_channels or 64
-    else:
-        ctor = {"resnet18": resnet18, "resnet50": resnet50}[backbone]
-        net = ctor(weights=None, norm_layer=FrozenBatchNorm2d if pretrained is not None else nn.BatchNorm2d)
-        if pretrained is not None:
-            _load_imagenet(net, backbone, pretrained)
-            for name, p in net.named_parameters():
-                if not name.startswith(("layer2", "layer3", "layer4")):
-                    p.requires_grad_(False)
-        width = 1 if backbone == "resnet18" else 4  # BasicBlock vs Bottleneck expansion
-        in_channels = [{"layer2": 128, "layer3": 256, "layer4": 512}[n] * width for n in names]
-        out_channels = out_channels or 256
+    net = backbone_body(backbone, pretrained)
+    in_channels = [STAGE_CHANNELS[backbone][n] for n in names]
+    out_channels = out_channels or (64 if backbone == "small" else 256)
     return BackboneWithFPN(net, {n: str(i) for i, n in enumerate(names)}, in_channels, out_channels,
                            extra_blocks=_ExtraLevels(out_channels, num_levels - len(names)))
 

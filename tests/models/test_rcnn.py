@@ -298,7 +298,7 @@ def test_resnet18_with_local_pretrained_file_loads_it(tmp_path):
     torch.testing.assert_close(body.layer3[0].conv1.weight, state["layer3.0.conv1.weight"], rtol=0, atol=0)
     assert not body.conv1.weight.requires_grad and body.layer2[0].conv1.weight.requires_grad
     torch.save({"bogus": torch.zeros(1)}, path)
-    with pytest.raises(IouctlError, match="cannot load"):
+    with pytest.raises(IouctlError, match="does not fit resnet18"):
         build(False, backbone="resnet18", pretrained=str(path))
 
 

@@ -359,7 +359,7 @@ def test_wrong_pretrained_file_is_one_clear_line(tmp_path):
 
 @pytest.mark.parametrize("over, match", [
     ({"backbone": "vgg"}, "unknown backbone 'vgg'"),
-    ({"pretrained": "/x.pth"}, "only for the resnet18/resnet50"),
+    ({"pretrained": "/x.pth"}, "only for the resnet backbones"),
     ({"anchor_sizes": []}, "anchor_sizes"),
     ({"anchor_sizes": [8, 16, 32, 64, 128, 256]}, "1..5 anchor sizes"),
     ({"aspect_ratios": [0.0]}, "aspect_ratios"),
