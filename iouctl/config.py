@@ -180,3 +180,43 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         if isinstance(cause, ValueError):
             raise ConfigError(f"{node.get('_target_', '?')}: {_one_line(str(cause))}") from None
         raise
+
+
+def option_for(group: str, target: str) -> str:
+    """The option file of `group` whose _target_ is `target` (the first, when several share it)."""
+    import yaml
+
+    for option in group_options(group):
+        if yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text()).get("_target_") == target:
+            return option
+    raise ConfigError(f"{group} target {target} matches no option of conf/{group}/")
+
+
+def overrides_restoring(saved: dict, groups: Sequence[str], given: Sequence[str]) -> list[str]:
+    """Overrides that bring back the `groups` of a saved resolved config (a run's config.yaml) and its name, except
+    what the user's own overrides `given` set: a group chosen anew keeps that option's values."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in given}
+    out = []
+    for group in groups:
+        node = saved.get(group) or {}
+        if group in keys:
+            continue
+        if "_target_" in node:
+            out.append(f"{group}={option_for(group, node['_target_'])}")
+        out += [f"{group}.{k}={_override_value(v)}" for k, v in node.items() if f"{group}.{k}" not in keys]
+    if "name" in saved and "name" not in keys:
+        out.append(f"name={_override_value(saved['name'])}")
+    return out
+
+
+def _override_value(value: Any) -> str:
+    """A YAML value as Hydra override syntax (JSON for strings and lists: quoted, escaped)."""
+    import json
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, list)):
+        return json.dumps(value)
+    return str(value)

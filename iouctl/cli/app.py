@@ -65,6 +65,11 @@ def evaluate(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -
 
 def _train_run_overrides(overrides: Optional[List[str]]) -> tuple:
     """(checkpoint file, overrides that restore the train run's model/data/pool) for `iouctl eval`."""
+    from pathlib import Path
+
+    import yaml
+
+    from iouctl import config
     from iouctl.cli.common import compose
     from iouctl.engine.train import CHECKPOINT
     from iouctl.errors import IouctlError
@@ -72,47 +77,13 @@ def _train_run_overrides(overrides: Optional[List[str]]) -> tuple:
 
     conf = compose("eval", overrides)
     if conf.checkpoint is not None:
-        from pathlib import Path
-
         ckpt = Path(conf.checkpoint).expanduser()
         if not ckpt.is_file():
             raise IouctlError(f"checkpoint={conf.checkpoint}: no such file")
         return ckpt, []
     ckpt = find_run_file(conf.run, conf.paths.runs_dir, ["train"], CHECKPOINT)
-    run_dir = ckpt.parent.parent
-    choices = []
-    import yaml
-
-    trained = yaml.safe_load((run_dir / "config.yaml").read_text())
-    for group in ("model", "data", "pool"):
-        for key, value in (trained.get(group) or {}).items():
-            choices.append(f"{group}.{key}={_override_value(value)}")
-    targets = {g: (trained.get(g) or {}).get("_target_") for g in ("model", "data")}
-    given = {o.split("=", 1)[0] for o in (overrides or [])}
-    restored = [f"{g}={_option_for(g, t)}" for g, t in targets.items() if g not in given]
-    restored += [c for c in choices if c.split("=", 1)[0] not in given and c.split(".", 1)[0] not in given]
-    return ckpt, restored + ([f"name={trained['name']}"] if "name" not in given else [])
-
-
-def _override_value(value) -> str:
-    import json
-
-    return "null" if value is None else json.dumps(value) if isinstance(value, (list, str)) else str(value).lower() \
-        if isinstance(value, bool) else str(value)
-
-
-def _option_for(group: str, target: str) -> str:
-    """The option file of `group` whose _target_ is `target` (the first, when several share it)."""
-    import yaml
-
-    from iouctl.config import CONF_DIR, group_options
-
-    for option in group_options(group):
-        if yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text()).get("_target_") == target:
-            return option
-    from iouctl.errors import IouctlError
-
-    raise IouctlError(f"the train run's {group} ({target}) matches no option of conf/{group}/")
+    trained = yaml.safe_load((ckpt.parent.parent / "config.yaml").read_text())
+    return ckpt, config.overrides_restoring(trained, ("model", "data", "pool"), overrides or [])
 
 
 def _detector_inputs(conf, run) -> tuple:
