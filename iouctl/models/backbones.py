@@ -48,8 +48,18 @@ class SmallNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
 
 
+def _cached_imagenet(name: str) -> Path:
+    """torchvision's ImageNet file for `name` in the torch hub cache (put there by an earlier download elsewhere)."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    found = sorted(folder.glob(f"{name}-*.pth"))
+    if not found:
+        raise ConfigError(f"pretrained=imagenet: no cached {name} weights in {folder} (torchvision's {name}-*.pth); "
+                          f"nothing is downloaded: copy the file there or give its path as pretrained=<file>")
+    return found[-1]
+
+
 def _load_imagenet(net: nn.Module, name: str, pretrained: str) -> None:
-    path = Path(pretrained).expanduser()
+    path = _cached_imagenet(name) if pretrained == "imagenet" else Path(pretrained).expanduser()
     if not path.is_file():
         raise ConfigError(f"pretrained weights file not found: {path} (give a local {name} ImageNet state_dict file, "
                           f"or pretrained=null; nothing is downloaded)")
@@ -74,8 +84,9 @@ def _load_imagenet(net: nn.Module, name: str, pretrained: str) -> None:
 
 
 def backbone_body(backbone: str, pretrained: Optional[str]) -> nn.Module:
-    """The body named `backbone`. With `pretrained` (ResNets only, a local ImageNet state_dict file) the BatchNorms
-    are frozen and the stem + layer1 stay fixed (torchvision's trainable_layers=3); without it all is trained."""
+    """The body named `backbone`. With `pretrained` (ResNets only: a local ImageNet state_dict file, or "imagenet" for
+    torchvision's file in the torch hub cache) the BatchNorms are frozen and the stem + layer1 stay fixed
+    (torchvision's trainable_layers=3); without it all is trained."""
     if backbone not in BACKBONES:
         raise ConfigError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
     if backbone == "small":

@@ -418,3 +418,18 @@ def test_cuda_matches_cpu(monkeypatch):
         dc, dg = cpu(images[:1])[0], gpu([images[0].cuda()])[0]
     assert dg["boxes"].device.type == "cuda" and dg["ious"].device.type == "cuda"
     torch.testing.assert_close(dg["scores"][:10].cpu(), dc["scores"][:10], rtol=1e-4, atol=1e-5)
+
+
+def test_pretrained_imagenet_from_the_torch_cache(tmp_path, monkeypatch):
+    from torchvision.models import resnet18
+
+    from iouctl.models.backbones import backbone_body
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(ConfigError, match="no cached resnet18 weights"):
+        backbone_body("resnet18", "imagenet")
+    (tmp_path / "checkpoints").mkdir()
+    state = resnet18(weights=None).state_dict()
+    torch.save(state, tmp_path / "checkpoints" / "resnet18-f37072fd.pth")
+    body = backbone_body("resnet18", "imagenet")
+    assert torch.equal(body.layer4[0].conv1.weight, state["layer4.0.conv1.weight"])
