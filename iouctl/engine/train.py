@@ -163,9 +163,9 @@ def train(cfg: Any, run: Any, data: Any, model: torch.nn.Module, make_optimizer:
                    "lr": optimizer.param_groups[0]["lr"], "img_per_s": seen / max(1e-9, time.perf_counter() - t0)}
             if rank == 0:
                 run.log(row, step=done)
-                progress.update(task, completed=done, description=f"train loss {row['loss']:.3f} "
-                                f"({' '.join(f'{k} {float(v):.3f}' for k, v in losses.items())}) lr {row['lr']:.2g} "
-                                f"{row['img_per_s']:.0f} img/s")
+                terms = " ".join(f"{k} {row['loss_' + k]:.3f}" for k in losses)
+                progress.update(task, completed=done, description=f"train loss {row['loss']:.3f} ({terms}) "
+                                f"lr {row['lr']:.2g} {row['img_per_s']:.0f} img/s")
                 if done % int(cfg.checkpoint_every) == 0 or done == max_iters:
                     save_checkpoint(ckpt_path, model, optimizer, done, {"config_name": str(cfg.name)})
             if evaluate_fn is not None and rank == 0 and done % int(cfg.eval_every) == 0 and done < max_iters:
