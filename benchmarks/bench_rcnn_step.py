@@ -19,22 +19,10 @@ import time
 import torch
 from torchvision.ops import RoIAlign
 
+from detector_batch import make_batch  # a sibling module: the scripts run as files from the repo root
 from iouctl.fileio import atomic_write_json
 from iouctl.models.rcnn import faster_rcnn
 from iouctl.ops import PrRoIPool
-
-
-def make_batch(batch: int, size: int, num_classes: int, device: torch.device, seed: int = 0):
-    """``batch`` random images Tensor[3, size, size], 3 random boxes each (sides 10%..60% of the image)."""
-    g = torch.Generator().manual_seed(seed)
-    images, targets = [], []
-    for _ in range(batch):
-        wh = (torch.rand(3, 2, generator=g) * 0.5 + 0.1) * size
-        xy = torch.rand(3, 2, generator=g) * (size - wh)
-        images.append(torch.rand(3, size, size, generator=g).to(device))
-        targets.append({"boxes": torch.cat([xy, xy + wh], dim=1).to(device),
-                        "labels": torch.randint(0, num_classes, (3,), generator=g).to(device)})
-    return images, targets
 
 
 def build(iou_head: bool, backbone: str, size: int, num_classes: int, pool: str, device: torch.device):
