@@ -30,10 +30,10 @@ def train(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> N
         from iouctl.engine.train import CHECKPOINT, train as run_train
         from iouctl.runs import find_run_file
 
-        data, model, nms, evaluate_fn = _detector_inputs(conf, run)
+        data, model, evaluate_fn = _detector_inputs(conf, run)
         resume = find_run_file(conf.run, conf.paths.runs_dir, ["train"], CHECKPOINT, status=None) \
             if conf.resume else None
-        return run_train(conf, run, data, model, config.instantiate(conf.optim), nms, resume, evaluate_fn)
+        return run_train(conf, run, data, model, config.instantiate(conf.optim), resume, evaluate_fn)
 
     run_experiment("train", overrides, cfg, body)
 
@@ -51,7 +51,7 @@ def evaluate(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -
         from iouctl.engine.train import load_checkpoint
         from iouctl.errors import IouctlError
 
-        data, model, nms, evaluate_fn = _detector_inputs(conf, run)
+        _, model, evaluate_fn = _detector_inputs(conf, run)
         state = load_checkpoint(found["checkpoint"])
         try:
             model.load_state_dict(state["model"])
@@ -87,7 +87,7 @@ def _train_run_overrides(overrides: Optional[List[str]]) -> tuple:
 
 
 def _detector_inputs(conf, run) -> tuple:
-    """Data (prepared), model, the NMS arm and an evaluation closure for train/eval."""
+    """Data (prepared), model and an evaluation closure (inference, the configured NMS, AP) for train/eval."""
     from iouctl import config
     from iouctl.engine.evaluate import evaluate_detections, predict
     from iouctl.engine.train import CategoryMap, resolve_device
@@ -108,7 +108,7 @@ def _detector_inputs(conf, run) -> tuple:
         return evaluate_detections(run, dets, data.ann_file(split), nms, str(conf.eval_backend), split,
                                    float(getattr(nms, "cls_weight", 0.5)), step)
 
-    return data, model, nms, evaluate_fn
+    return data, model, evaluate_fn
 
 
 class Score(str, Enum):

@@ -98,12 +98,13 @@ def load_checkpoint(path: Path) -> dict:
         raise IouctlError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
 
 
-def train(cfg: Any, run: Any, data: Any, model: torch.nn.Module, make_optimizer: Callable, nms: Any,
+def train(cfg: Any, run: Any, data: Any, model: torch.nn.Module, make_optimizer: Callable,
           resume_from: Optional[Path] = None, evaluate_fn: Optional[Callable] = None) -> dict:
-    """Train `model` on `data`'s train split for cfg.schedule.max_iters iterations, then evaluate on val.
+    """Train `model` on `data`'s train split for cfg.schedule.max_iters iterations, evaluating with
+    `evaluate_fn(model, step)` every cfg.eval_every iterations and at the end.
 
     cfg: the plain keys of conf/train.yaml; make_optimizer: params -> optimizer (the `optim` config, partial);
-    nms: the post-processing arm of the final evaluation; resume_from: a checkpoint to continue from exactly.
+    resume_from: a checkpoint to continue from exactly.
     """
     from iouctl.engine import distributed as dist
 
