@@ -108,7 +108,8 @@ def _missing_option_message(exc: Exception) -> str:
 def _composition_message(exc: Exception, command: str, overrides: list[str]) -> str:
     text = str(exc)
     cause = exc.__cause__ or exc.__context__
-    m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Could not append to config\. An item is already at '([^']+)'", text)
+    m = re.search(r"Could not override '([^']+)'", text) or \
+        re.search(r"Could not append to config\. An item is already at '([^']+)'", text)
     if m or (cause and "not in struct" in str(cause)) or "Key '" in text and "not in struct" in text:
         key = m.group(1) if m else _key_from(str(cause or text))
         return _unknown_key_message(command, key, [o for o in overrides if _is_group_choice(o)])
@@ -117,8 +118,6 @@ def _composition_message(exc: Exception, command: str, overrides: list[str]) -> 
         key = getattr(cause, "full_key", None) or m.group(1).split("=")[0].lstrip("+~")
         reason = _one_line(str(cause).split("\n")[0])
         return f"invalid value in override {m.group(1)!r} for key {key!r}: {reason}"
-    if "mismatched input" in text or "no viable alternative" in text or "extraneous input" in text:
-        return f"cannot parse overrides {' '.join(overrides)!r}: use key=value, group=option, +new_key=value"
     return _one_line(text + (f" ({cause})" if cause else ""))
 
 
