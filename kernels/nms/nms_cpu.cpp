@@ -34,6 +34,16 @@ inline T max_(T a, T b) { return a < b ? b : a; }
 template <typename T>
 inline T min_(T a, T b) { return b < a ? b : a; }
 
+// IoU of box i (corners and area) with box j: the same expressions as torchvision's CPU nms (the argument order of
+// max/min fixes the NaN behaviour too), so keep sets agree bit for bit.
+template <typename T>
+inline T iou_(T ix1, T iy1, T ix2, T iy2, T ia, T jx1, T jy1, T jx2, T jy2, T ja) {
+  const T w = max_(static_cast<T>(0), min_(ix2, jx2) - max_(ix1, jx1));
+  const T h = max_(static_cast<T>(0), min_(iy2, jy2) - max_(iy1, jy1));
+  const T inter = w * h;
+  return inter / (ia + ja - inter);
+}
+
 #if defined(__GNUC__) && defined(__x86_64__)
 #define IOUCTL_NMS_AVX2 1
 #define IOUCTL_INLINE inline __attribute__((always_inline))
@@ -86,15 +96,7 @@ IOUCTL_INLINE void greedy_segment_body(
     while (hi > i && owner[hi] >= 0) --hi;
     const T ix1 = x1[i], iy1 = y1[i], ix2 = x2[i], iy2 = y2[i], ia = area[i];
     for (int64_t j = i + 1; j <= hi; ++j) {
-      // Same expressions as torchvision's CPU nms (argument order of max/min fixes the NaN behaviour too).
-      const T xx1 = max_(ix1, x1[j]);
-      const T yy1 = max_(iy1, y1[j]);
-      const T xx2 = min_(ix2, x2[j]);
-      const T yy2 = min_(iy2, y2[j]);
-      const T w = max_(static_cast<T>(0), xx2 - xx1);
-      const T h = max_(static_cast<T>(0), yy2 - yy1);
-      const T inter = w * h;
-      const T ovr = inter / (ia + area[j] - inter);
+      const T ovr = iou_(ix1, iy1, ix2, iy2, ia, x1[j], y1[j], x2[j], y2[j], area[j]);
       const O o = owner[j];
       owner[j] = ((o < 0) & (ovr > thr)) ? oi : o;
     }
@@ -188,16 +190,7 @@ IOUCTL_INLINE void soft_segment_body(
       const T* bx1 = x1 + lo; const T* by1 = y1 + lo; const T* bx2 = x2 + lo; const T* by2 = y2 + lo;
       const T* bar = area + lo;
       double* bs = s + lo;
-      for (int64_t j = 0; j < len; ++j) {
-        const T xx1 = max_(ix1, bx1[j]);
-        const T yy1 = max_(iy1, by1[j]);
-        const T xx2 = min_(ix2, bx2[j]);
-        const T yy2 = min_(iy2, by2[j]);
-        const T w = max_(static_cast<T>(0), xx2 - xx1);
-        const T h = max_(static_cast<T>(0), yy2 - yy1);
-        const T inter = w * h;
-        ov[j] = inter / (ia + bar[j] - inter);
-      }
+      for (int64_t j = 0; j < len; ++j) ov[j] = iou_(ix1, iy1, ix2, iy2, ia, bx1[j], by1[j], bx2[j], by2[j], bar[j]);
       // A NaN overlap (NaN coordinates) counts as no overlap: both tests below are false for NaN.
       if (gaussian) {
         for (int64_t j = 0; j < len; ++j) {

@@ -233,33 +233,19 @@ double thin_bin_integral(const scalar_t* plane, Strides s, const ThinBins& tb, i
   return sum;
 }
 
-// Integral of f along the column x = e over the rows of span sy: d(bin integral) / d(edge e).
+// Integral of f along the line at coordinate e of one axis, over the cells of span sp on the other axis:
+// d(bin integral) / d(edge e). `along` strides the span's axis, `across` the axis of e, whose size is `size`.
 template <typename scalar_t>
-double line_x(const scalar_t* plane, Strides s, const Span& sy, double e, int64_t W) {
-  e = std::min(std::max(e, -1.0), static_cast<double>(W));  // f(e, .) = 0 at and beyond -1 and W
+double line(const scalar_t* plane, int64_t along, int64_t across, const Span& sp, double e, int64_t size) {
+  e = std::min(std::max(e, -1.0), static_cast<double>(size));  // f = 0 at and beyond -1 and size
   const double o = std::floor(e), t = e - o;
   const int64_t i0 = static_cast<int64_t>(o);
   double sum = 0;
-  for (int64_t j = sy.first; j <= sy.last; ++j) {
+  for (int64_t k = sp.first; k <= sp.last; ++k) {
     double v = 0;
-    if (i0 >= 0 && i0 < W) v += (1 - t) * static_cast<double>(plane[j * s.h + i0 * s.w]);
-    if (i0 + 1 >= 0 && i0 + 1 < W) v += t * static_cast<double>(plane[j * s.h + (i0 + 1) * s.w]);
-    sum += weight(sy, j) * v;
-  }
-  return sum;
-}
-
-template <typename scalar_t>
-double line_y(const scalar_t* plane, Strides s, const Span& sx, double e, int64_t H, int64_t W) {
-  e = std::min(std::max(e, -1.0), static_cast<double>(H));
-  const double o = std::floor(e), t = e - o;
-  const int64_t j0 = static_cast<int64_t>(o);
-  double sum = 0;
-  for (int64_t i = sx.first; i <= sx.last; ++i) {
-    double v = 0;
-    if (j0 >= 0 && j0 < H) v += (1 - t) * static_cast<double>(plane[j0 * s.h + i * s.w]);
-    if (j0 + 1 >= 0 && j0 + 1 < H) v += t * static_cast<double>(plane[(j0 + 1) * s.h + i * s.w]);
-    sum += weight(sx, i) * v;
+    if (i0 >= 0 && i0 < size) v += (1 - t) * static_cast<double>(plane[k * along + i0 * across]);
+    if (i0 + 1 >= 0 && i0 + 1 < size) v += t * static_cast<double>(plane[k * along + (i0 + 1) * across]);
+    sum += weight(sp, k) * v;
   }
   return sum;
 }
@@ -478,9 +464,10 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_cpu(const at::Tensor& gra
                     // as the CUDA kernel; the bin average is recomputed in float64 because the saved (possibly
                     // float32) output, divided by a thin width, would swamp the gradient with its rounding
                     const double ob = thin_bin_integral(plane, s, tb, p, q) * inv_area;
-                    const double lx1 = line_x(plane, s, sy, tb.ex[q], W), lx2 = line_x(plane, s, sy, tb.ex[q + 1], W);
-                    const double ly1 = line_y(plane, s, sx, tb.ey[p], H, W);
-                    const double ly2 = line_y(plane, s, sx, tb.ey[p + 1], H, W);
+                    const double lx1 = line(plane, s.h, s.w, sy, tb.ex[q], W);  // columns x = edge
+                    const double lx2 = line(plane, s.h, s.w, sy, tb.ex[q + 1], W);
+                    const double ly1 = line(plane, s.w, s.h, sx, tb.ey[p], H);  // rows y = edge
+                    const double ly2 = line(plane, s.w, s.h, sx, tb.ey[p + 1], H);
                     const double fq0 = static_cast<double>(q) / PW, fq1 = static_cast<double>(q + 1) / PW;
                     const double fp0 = static_cast<double>(p) / PH, fp1 = static_cast<double>(p + 1) / PH;
                     d[0] += gv * ((lx2 * (1 - fq1) - lx1 * (1 - fq0)) * inv_area + ob * inv_w);
