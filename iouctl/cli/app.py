@@ -89,13 +89,15 @@ def _train_run_overrides(overrides: Optional[List[str]]) -> tuple:
 def _detector_inputs(conf, run) -> tuple:
     """Data (prepared), model and an evaluation closure (inference, the configured NMS, AP) for train/eval."""
     from iouctl import config
-    from iouctl.engine.evaluate import evaluate_detections, predict
-    from iouctl.engine.train import CategoryMap, resolve_device
-
     import torch
 
+    from iouctl.engine.evaluate import evaluate_detections, predict
+    from iouctl.engine.prepare import prepare_dataset
+    from iouctl.engine.train import CategoryMap, resolve_device
+
     data = config.instantiate(conf.data)
-    data.prepare()
+    with run.progress(transient=True) as progress:
+        prepare_dataset(data, progress)
     torch.manual_seed(int(conf.seed))  # the initial weights are part of the experiment
     model = config.instantiate(conf.model, num_classes=data.num_classes, pool=config.instantiate(conf.pool))
     nms = config.instantiate(conf.nms)

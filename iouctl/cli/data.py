@@ -14,19 +14,22 @@ data_app = typer.Typer(help="Datasets: generate the built-in one, check a COCO o
 SPLITS = ("train", "val")
 
 
-def _prepared(overrides: Optional[List[str]]):
-    """Compose `data.yaml`, build the dataset object and prepare it (generate / validate) with a progress bar."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+def _dataset(overrides: Optional[List[str]]):
+    """The dataset object of `data.yaml` with the overrides applied (nothing generated or read yet)."""
     from iouctl import config
 
-    conf = compose("data", overrides)
-    data = config.instantiate(conf.data)
-    with Progress(TextColumn("preparing dataset"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+    return config.instantiate(compose("data", overrides).data)
+
+
+def _prepare(data) -> None:
+    """Generate / validate `data` with a progress bar on the terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from iouctl.engine.prepare import prepare_dataset
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err_console, transient=True) as progress:
-        task = progress.add_task("prepare", total=None)
-        data.prepare(progress=lambda done, total: progress.update(task, completed=done, total=total))
-    return conf, data
+        prepare_dataset(data, progress)
 
 
 @data_app.command()
@@ -36,7 +39,8 @@ def generate(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -
         if cfg:
             print_config(compose("data", overrides, allow_missing=True))
             return
-        _, data = _prepared(overrides)
+        data = _dataset(overrides)
+        _prepare(data)
         _print_summary(data)
 
 
@@ -44,16 +48,12 @@ def generate(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -
 def check(overrides: Optional[List[str]] = Overrides) -> None:
     """Validate a dataset's annotations (e.g. data=coco data.root=/data/coco) and report every problem found."""
     with user_errors():
+        from iouctl.data import ShapesData
         from iouctl.data.coco import validate_coco
 
-        conf = compose("data", overrides)
-        from iouctl import config
-
-        data = config.instantiate(conf.data)
-        from iouctl.data import ShapesData
-
+        data = _dataset(overrides)
         if isinstance(data, ShapesData):  # generated on demand; a COCO set is only read (prepare would stop at errors)
-            data.prepare()
+            _prepare(data)
         bad = False
         for split in SPLITS:
             report = validate_coco(data.ann_file(split), data.image_dir(split), skip_bad=True)
@@ -78,8 +78,11 @@ def preview(
         from iouctl import config
         from iouctl.data.preview import render_preview
 
+        from iouctl.engine.prepare import prepare_dataset
+
         data = config.instantiate(conf.data)
-        data.prepare()
+        with run.progress(transient=True) as progress:
+            prepare_dataset(data, progress)
         out = render_preview(data.dataset(split), run.path(f"preview_{split}.png"), num_images=num_images,
                              seed=conf.seed)
         run.log_image(f"preview/{split}", out)

@@ -24,9 +24,10 @@ def demo(cfg: Any, run: Any, data: Any, ablation: Optional[tuple] = None, bench_
 
     if "data" in cfg.steps:
         t0 = time.perf_counter()
+        from iouctl.engine.prepare import prepare_dataset
+
         with run.progress(transient=True) as progress:
-            task = progress.add_task("dataset", total=None)
-            data.prepare(progress=lambda done, total: progress.update(task, completed=done, total=total))
+            prepare_dataset(data, progress)
         summary["steps"]["data"] = {"root": str(data.root), "classes": [c["name"] for c in data.categories]}
         timings["data"] = time.perf_counter() - t0
         run.console.print(f"[bold]dataset[/]: {data.root} ({timings['data']:.1f} s)")

@@ -14,6 +14,7 @@ from iouctl.analysis import (
     true_iou,
 )
 from iouctl.data.detections import Detections
+from iouctl.engine.prepare import prepare_dataset
 from iouctl.errors import ConfigError, IouctlError
 from iouctl.postprocess.suppression import SCORES, GreedyNMS, IoUGuidedNMS, SoftNMS, ranking_score
 
@@ -46,7 +47,8 @@ def build_arms(methods, scores, thresholds, cls_weight, soft_sigma, soft_score_t
 def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, detections: Path | None) -> dict:
     """Every arm of the grid against `baseline` on the raw detections file `detections` (None: synthesize them from
     the ground truth of `data`). `cfg` holds the plain settings of conf/nms_ablate.yaml."""
-    data.prepare()
+    with run.progress(transient=True) as progress:
+        prepare_dataset(data, progress)
     gt = data.ann_file(cfg.split)
     if detections is None:
         dets = synthesize_detections(gt, seed=int(cfg.seed))
