@@ -9,7 +9,7 @@ from rich.markup import escape
 from iouctl.analysis import AP_KEYS, correlations, evaluate, fmt_ap, plot_score_vs_iou, true_iou
 from iouctl.data import collate_detection
 from iouctl.data.detections import Detections
-from iouctl.postprocess.suppression import ranking_score
+from iouctl.postprocess.suppression import all_scores
 
 
 @torch.no_grad()
@@ -42,10 +42,7 @@ def evaluate_detections(run: Any, dets: Detections, gt: Any, nms: Any, backend: 
     kept = nms(dets)
     metrics = evaluate(gt, kept, backend=backend)
     tiou = true_iou(gt, dets)
-    scores = {"cls": dets.scores}
-    if dets.has_ious:
-        scores["iou"] = dets.ious
-        scores["fused"] = ranking_score(dets, "fused", cls_weight)
+    scores = all_scores(dets, cls_weight)
     corr = correlations(tiou, scores)
     png = plot_score_vs_iou(tiou, scores, run.path("plots", f"score_vs_true_iou_{split}.png"))["path"]
     run.log_image(f"plots/score_vs_true_iou_{split}", png)

@@ -16,7 +16,7 @@ from iouctl.analysis import (
 from iouctl.data.detections import Detections
 from iouctl.engine.prepare import prepare_dataset
 from iouctl.errors import ConfigError, IouctlError
-from iouctl.postprocess.suppression import SCORES, GreedyNMS, IoUGuidedNMS, SoftNMS, ranking_score
+from iouctl.postprocess.suppression import SCORES, GreedyNMS, IoUGuidedNMS, SoftNMS, all_scores
 
 METHODS = ("greedy", "iou-guided", "soft-linear", "soft-gaussian")
 TABLE_KEYS = ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90")
@@ -83,10 +83,7 @@ def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, detections: Path | 
 
     # Correlations of each score with the true IoU, before NMS.
     tiou = true_iou(gt, dets)
-    raw_scores = {"cls": dets.scores}
-    if dets.has_ious:
-        raw_scores["iou"] = dets.ious
-        raw_scores["fused"] = ranking_score(dets, "fused", cfg.cls_weight)
+    raw_scores = all_scores(dets, cfg.cls_weight)
     corr_before = correlations(tiou, raw_scores)
 
     rows, curves = [], {}

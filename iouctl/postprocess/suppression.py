@@ -38,6 +38,11 @@ def ranking_score(dets: Detections, score: str, cls_weight: float = 0.5) -> Tens
     return iou_aware_score(dets.scores, dets.ious, cls_weight=cls_weight)
 
 
+def all_scores(dets: Detections, cls_weight: float = 0.5) -> dict[str, Tensor]:
+    """Every ranking score the detections carry: cls, plus iou and fused when they have predicted IoUs."""
+    return {s: ranking_score(dets, s, cls_weight) for s in (SCORES if dets.has_ious else ("cls",))}
+
+
 @dataclass
 class Kept:
     index: Tensor   # int64 [K] rows of the input detections, image by image, best reported score first
