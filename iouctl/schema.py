@@ -134,7 +134,7 @@ class IoURefiner:
     top_k: int = MISSING
     revert_on_degrade: bool = MISSING
     step_decay: float = MISSING
-    report_score: str = MISSING
+    report_score: str = MISSING  # cls | cluster | cls_times_iou
 
 
 @dataclass
@@ -249,6 +249,8 @@ class Refine(_Command):
     device: str = MISSING
     run: Optional[str] = None
     split: str = MISSING
+    batch_size: int = MISSING
+    num_workers: int = MISSING
     data: Any = MISSING
     model: Any = MISSING
     pool: Any = MISSING

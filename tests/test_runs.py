@@ -1,6 +1,5 @@
 """Run directories: contents, statuses, never overwritten, Ctrl-C leaves INTERRUPTED and a readable log."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -13,7 +13,7 @@ from iouctl.analysis.coco_eval import (
 )
 from iouctl.analysis.correlation import correlations, pairwise_iou_xyxy, pearson, true_iou
 from iouctl.analysis.groundtruth import BACKENDS, GroundTruth, GroundTruthError, clear_gt_cache, load_gt
-from iouctl.analysis.plots import plot_ap_vs_threshold, plot_score_vs_iou
+from iouctl.analysis.plots import plot_ap_vs_threshold, plot_iou_before_after, plot_score_vs_iou
 from iouctl.analysis.synthetic import synthesize_detections
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "pairwise_iou_xyxy",
     "pearson",
     "plot_ap_vs_threshold",
+    "plot_iou_before_after",
     "plot_score_vs_iou",
     "summarize_eval",
     "synthesize_detections",

@@ -138,3 +138,35 @@ def plot_ap_vs_threshold(
     path = save_png(fig, out_png)
     w, h = fig.canvas.get_width_height()
     return {"path": path, "size": (w, h), "lines": lines}
+
+
+def plot_iou_before_after(before: Tensor, after: Tensor, out_png: str | os.PathLike, max_points: int = 20000,
+                          seed: int = 0) -> dict[str, Any]:
+    """True IoU of each box after a change (y) against before it (x), with the diagonal: points above it improved.
+
+    Args:
+        before, after (Tensor[N]) IoUs in [0, 1]; above max_points a seeded random subset is drawn.
+    Returns:
+        {"path": Path, "size": (width_px, height_px), "x": ndarray[M], "y": ndarray[M], "improved": int, "worse": int}
+        (the counts use all N boxes).
+    """
+    x = _as_f64(before, "before", None)
+    y = _as_f64(after, "after", x.shape[0])
+    index = np.arange(len(x))
+    if len(x) > max_points:
+        index = np.sort(np.random.default_rng(seed).choice(len(x), size=max_points, replace=False))
+    improved, worse = int((y > x).sum()), int((y < x).sum())
+    fig = new_figure(PANEL_INCHES + 0.4, PANEL_INCHES)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="0.6", linewidth=1, zorder=0)
+    ax.scatter(x[index], y[index], s=3, alpha=0.4, linewidths=0, rasterized=True)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("true IoU before")
+    ax.set_ylabel("true IoU after")
+    ax.set_title(f"{improved} improved, {worse} worse of {len(x)}", fontsize=10)
+    off = np.asarray(ax.collections[0].get_offsets(), dtype=np.float64).reshape(-1, 2)
+    fig.tight_layout()
+    path = save_png(fig, out_png)
+    w, h = fig.canvas.get_width_height()
+    return {"path": path, "size": (w, h), "x": off[:, 0], "y": off[:, 1], "improved": improved, "worse": worse}

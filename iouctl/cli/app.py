@@ -30,7 +30,7 @@ def train(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> N
         from iouctl.engine.train import CHECKPOINT, train as run_train
         from iouctl.runs import find_run_file
 
-        data, model, evaluate_fn = _detector_inputs(conf, run)
+        data, model, evaluate_fn, *_ = _detector_inputs(conf, run)
         resume = find_run_file(conf.run, conf.paths.runs_dir, ["train"], CHECKPOINT, status=None) \
             if conf.resume else None
         return run_train(conf, run, data, model, config.instantiate(conf.optim), resume, evaluate_fn)
@@ -48,19 +48,25 @@ def evaluate(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -
             found["checkpoint"], found["extra"] = _train_run_overrides(overrides)
 
     def body(conf, run):
-        from iouctl.engine.train import load_checkpoint
-        from iouctl.errors import IouctlError
-
-        _, model, evaluate_fn = _detector_inputs(conf, run)
-        state = load_checkpoint(found["checkpoint"])
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise IouctlError(f"checkpoint {found['checkpoint']} does not fit model={conf.model._target_} "
-                              f"({str(e).splitlines()[0][:160]}); pass the model config it was trained with") from None
+        _, model, evaluate_fn, *_ = _detector_inputs(conf, run)
+        state = _load_weights(model, found["checkpoint"], conf)
+        run.write_json("source.json", {"checkpoint": str(found["checkpoint"])})  # what refine run=<this> reads
         return evaluate_fn(model, step=int(state.get("iteration", 0)), split=str(conf.split))
 
     run_experiment("eval", overrides, cfg, body, extra_overrides=found.get("extra"))
+
+
+RESTORED = ("model", "data", "pool")  # what eval and refine take from the train run
+
+
+def _compose_for_lookup(command: str, overrides: Optional[List[str]]):
+    """The command's config for finding its run, without the user's overrides of the groups the train run restores
+    (those are checked later, against the run's own model: model.box_score_thresh is valid for iou_net only)."""
+    from iouctl.cli.common import compose
+
+    kept = [o for o in overrides or [] if o.split("=", 1)[0].lstrip("+~").split(".", 1)[0] not in RESTORED
+            or "." not in o.split("=", 1)[0]]
+    return compose(command, kept)
 
 
 def _train_run_overrides(overrides: Optional[List[str]]) -> tuple:
@@ -70,12 +76,11 @@ def _train_run_overrides(overrides: Optional[List[str]]) -> tuple:
     import yaml
 
     from iouctl import config
-    from iouctl.cli.common import compose
     from iouctl.engine.train import CHECKPOINT
     from iouctl.errors import IouctlError
     from iouctl.runs import find_run_file
 
-    conf = compose("eval", overrides)
+    conf = _compose_for_lookup("eval", overrides)
     if conf.checkpoint is not None:
         ckpt = Path(conf.checkpoint).expanduser()
         if not ckpt.is_file():
@@ -83,11 +88,26 @@ def _train_run_overrides(overrides: Optional[List[str]]) -> tuple:
         return ckpt, []
     ckpt = find_run_file(conf.run, conf.paths.runs_dir, ["train"], CHECKPOINT)
     trained = yaml.safe_load((ckpt.parent.parent / "config.yaml").read_text())
-    return ckpt, config.overrides_restoring(trained, ("model", "data", "pool"), overrides or [])
+    return ckpt, config.overrides_restoring(trained, RESTORED, overrides or [])
+
+
+def _load_weights(model, checkpoint, conf) -> dict:
+    """Load a train checkpoint into `model`; a mismatch is one line. Returns the checkpoint."""
+    from iouctl.engine.train import load_checkpoint
+    from iouctl.errors import IouctlError
+
+    state = load_checkpoint(checkpoint)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise IouctlError(f"checkpoint {checkpoint} does not fit model={conf.model._target_} "
+                          f"({str(e).splitlines()[0][:160]}); pass the model config it was trained with") from None
+    return state
 
 
 def _detector_inputs(conf, run) -> tuple:
-    """Data (prepared), model and an evaluation closure (inference, the configured NMS, AP) for train/eval."""
+    """(data (prepared), model, evaluation closure (inference, the configured NMS, AP), inference closure, device,
+    category map) for train, eval and refine."""
     from iouctl import config
     import torch
 
@@ -104,13 +124,15 @@ def _detector_inputs(conf, run) -> tuple:
     device = resolve_device(str(conf.device))
     cats = CategoryMap(data.categories)
 
-    def evaluate_fn(net, step=None, split="val"):
-        dets = predict(net.to(device), data.dataset(split), cats.ids, device, int(conf.batch_size),
+    def predict_fn(net, split="val"):
+        return predict(net.to(device), data.dataset(split), cats.ids, device, int(conf.batch_size),
                        int(conf.num_workers), run, {"model": conf.model._target_, "split": split})
-        return evaluate_detections(run, dets, data.ann_file(split), nms, str(conf.eval_backend), split,
-                                   float(getattr(nms, "cls_weight", 0.5)), step)
 
-    return data, model, evaluate_fn
+    def evaluate_fn(net, step=None, split="val"):
+        return evaluate_detections(run, predict_fn(net, split), data.ann_file(split), nms, str(conf.eval_backend),
+                                   split, float(getattr(nms, "cls_weight", 0.5)), step)
+
+    return data, model, evaluate_fn, predict_fn, device, cats
 
 
 class Score(str, Enum):
@@ -170,16 +192,30 @@ def _ablation_inputs(conf) -> tuple:
 
 @app.command()
 def refine(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> None:
-    """IoU-guided box refinement (IoU-Net Alg. 2) of an iou_net run's detections, with AP before/after."""
-    from iouctl.cli.common import compose, print_config
-    from iouctl.errors import NotAvailableYet
+    """IoU-guided box refinement (IoU-Net Alg. 2) of an iou_net run's detections (run=<train or eval run>, default
+    the latest): IoU-guided NMS, gradient ascent on the predicted IoU, AP / true IoU / predicted IoU before and after."""
+    found: dict = {}
+    if not cfg:
+        with user_errors():  # a missing or unsuitable run fails before a run directory is made
+            from iouctl import config
+            from iouctl.engine.refine import find_source
 
-    with user_errors():
-        conf = compose("refine", overrides, allow_missing=cfg)
-        if cfg:
-            print_config(conf)
-            return
-        raise NotAvailableYet("box refinement (IoU-Net Alg. 2) is not implemented yet in this version of iouctl")
+            conf = _compose_for_lookup("refine", overrides)
+            found["checkpoint"], trained, found["detections"] = find_source(conf.run, str(conf.paths.runs_dir),
+                                                                            str(conf.split))
+            found["extra"] = config.overrides_restoring(trained, RESTORED, overrides or [])
+
+    def body(conf, run):
+        from iouctl import config
+        from iouctl.engine.refine import refine as run_refine
+
+        data, model, _, predict_fn, device, cats = _detector_inputs(conf, run)
+        _load_weights(model, found["checkpoint"], conf)
+        run.write_json("source.json", {"checkpoint": str(found["checkpoint"])})
+        return run_refine(conf, run, data, model, config.instantiate(conf.refiner), config.instantiate(conf.nms),
+                          cats.ids, device, found["detections"], lambda: predict_fn(model, str(conf.split)))
+
+    run_experiment("refine", overrides, cfg, body, extra_overrides=found.get("extra"))
 
 
 # `bench-pool --quick` and the demo's pooling step: seconds, not minutes, on a 2-core CPU.

@@ -59,10 +59,10 @@ def test_bad_flag_value_lists_choices():
     assert r.exit_code == 2 and all(f"'{c}'" in r.output for c in ("cls", "iou", "fused"))
 
 
-def test_refine_fails_clearly_and_leaves_no_run(tmp_path):
+def test_refine_without_a_trained_run_fails_clearly_and_leaves_no_run(tmp_path):
     r = runner.invoke(app, ["refine", f"paths.runs_dir={tmp_path}"])
-    assert r.exit_code == 3
-    assert "not implemented yet" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.exit_code == 2
+    assert "box-differentiable IoU head" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())
 
 

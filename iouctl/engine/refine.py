@@ -1,0 +1,262 @@
+"""`iouctl refine`: IoU-guided NMS, then IoU-Net Alg. 2 on the kept boxes; AP, true and predicted IoU before/after."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.markup import escape
+from torchvision.models.detection.transform import resize_boxes
+
+from iouctl.analysis import AP_KEYS, ap_deltas, evaluate, fmt_ap, fmt_delta, plot_iou_before_after, true_iou
+from iouctl.data.detections import Detections, rank_per_image
+from iouctl.errors import IouctlError
+from iouctl.postprocess.refine import IoURefiner
+
+TABLE_KEYS = ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90")
+DET_FILE = "detections/{split}.npz"
+
+
+# ------------------------------------------------------------------------------------------ which run to refine
+def _config(run_dir: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+
+
+def box_differentiable(model_cfg: dict) -> bool:
+    """Whether a model config has an IoU head whose prediction is differentiable in the box (IoU-Net's, on pooled
+    features); the IoU-aware RetinaNet's IoU belongs to an anchor, not to a box."""
+    return str(model_cfg.get("_target_", "")).endswith("rcnn.faster_rcnn") and bool(model_cfg.get("iou_head"))
+
+
+def _train_run_of(run_dir: Path, runs_dir: str) -> Path:
+    """The train run behind a train or eval run folder (an eval run records its checkpoint in source.json)."""
+    import json
+
+    from iouctl.engine.train import CHECKPOINT
+
+    if (run_dir / CHECKPOINT).is_file():
+        return run_dir
+    source = run_dir / "source.json"
+    if source.is_file():
+        ckpt = Path(json.loads(source.read_text())["checkpoint"])
+        if ckpt.is_file():
+            return ckpt.parent.parent
+        raise IouctlError(f"run={run_dir}: its checkpoint {ckpt} no longer exists")
+    raise IouctlError(f"run={run_dir} is neither a train run (no {CHECKPOINT}) nor an eval run of one")
+
+
+def find_source(run: str | None, runs_dir: str, split: str) -> tuple[Path, dict, Path | None]:
+    """(checkpoint, the train run's config, cached raw detections of `split` or None) for `run` = a train or eval
+    run of a model with a box-differentiable IoU head; run=None: the newest completed such run."""
+    from iouctl.engine.train import CHECKPOINT
+    from iouctl.runs import read_status
+
+    if run is None:
+        candidates = []
+        for command in ("train", "eval"):
+            base = Path(runs_dir).expanduser() / command
+            candidates += [d for d in base.iterdir() if (d / "config.yaml").is_file()] if base.is_dir() else []
+        for d in sorted(candidates, key=lambda d: d.name, reverse=True):
+            if read_status(d) == "COMPLETED" and box_differentiable(_config(d).get("model") or {}):
+                try:
+                    train_dir = _train_run_of(d, runs_dir)
+                except IouctlError:
+                    continue
+                break
+        else:
+            raise IouctlError(f"no completed train/eval run of a model with a box-differentiable IoU head under "
+                              f"{runs_dir}; train one (iouctl train model=iou_net) or pass run=<dir>")
+        run_dir = d
+    else:
+        run_dir = Path(run).expanduser()
+        if not (run_dir / "config.yaml").is_file():
+            raise IouctlError(f"run={run}: no such run folder (a train or eval run directory)")
+        train_dir = _train_run_of(run_dir, runs_dir)
+    trained = _config(train_dir)
+    model = trained.get("model") or {}
+    if not box_differentiable(model):
+        name = str(model.get("_target_", "?")).rsplit(".", 1)[-1]
+        raise IouctlError(f"run={run_dir}: its model ({name}, iou_head={model.get('iou_head')}) has no "
+                          f"box-differentiable IoU head; refinement needs model=iou_net (IoU head on PrRoI features)")
+    dets = run_dir / DET_FILE.format(split=split)
+    return train_dir / CHECKPOINT, trained, dets if dets.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------------- refinement
+def select_for_refinement(dets: Detections, nms: Any, top_k: int) -> tuple[Detections, torch.Tensor, torch.Tensor]:
+    """NMS output (reporting the NMS's score), the rows of it to refine (the top_k per image by that score) and the
+    cls score of each kept box."""
+    kept = nms.keep(dets)
+    out = kept.apply(dets)
+    order, rank = rank_per_image(out.image_ids, out.scores)
+    return out, order[rank < top_k], dets.scores[kept.index]
+
+
+def refine_boxes(model: Any, dataset: Any, dets: Detections, rows: torch.Tensor, labels: torch.Tensor,
+                 refiner: IoURefiner, device: torch.device, batch_size: int, progress: Any) -> dict:
+    """Refine dets.boxes[rows] (original-image pixels) image batch by image batch: features once per image, then
+    every box of the batch moves together. labels: contiguous class index of each row."""
+    index = {iid: i for i, iid in enumerate(dataset.image_ids)}
+    by_image = {}
+    for r in rows.tolist():
+        by_image.setdefault(int(dets.image_ids[r]), []).append(r)
+    images = sorted(by_image, key=lambda iid: index[iid])
+    boxes = dets.boxes.clone()
+    n = len(dets)
+    pred_before, pred_after = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
+    steps = torch.zeros(n, dtype=torch.int64)
+    iterations, seconds = [], 0.0
+    task = progress.add_task("refining", total=len(images))
+    for lo in range(0, len(images), batch_size):
+        ids = images[lo: lo + batch_size]
+        pics = [dataset[index[iid]][0].to(device) for iid in ids]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            features, sizes = model.features(pics)
+        part_rows = [torch.tensor(by_image[iid]) for iid in ids]
+        originals = [tuple(p.shape[-2:]) for p in pics]
+        start = [resize_boxes(boxes[r].to(device), o, s) for r, o, s in zip(part_rows, originals, sizes)]
+        flat_labels = labels[torch.cat(part_rows)].to(device)
+
+        def predict(bs, idx, features=features, sizes=sizes, flat_labels=flat_labels):
+            return model.predict_iou(features, bs, [flat_labels[i] for i in idx], sizes)
+
+        out = refiner(predict, start, sizes)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - t0
+        all_rows = torch.cat(part_rows)
+        for r, b, o, s in zip(part_rows, out.boxes, originals, sizes):
+            boxes[r] = resize_boxes(b, s, o).cpu().to(boxes.dtype)
+        pred_before[all_rows], pred_after[all_rows] = out.iou_before.cpu(), out.iou_after.cpu()
+        steps[all_rows] = out.steps.cpu()
+        iterations.append(out.iterations)
+        progress.advance(task, len(ids))
+    return {"boxes": boxes, "pred_before": pred_before, "pred_after": pred_after, "steps": steps,
+            "iterations": iterations, "seconds": seconds, "images": len(images)}
+
+
+def _scores(report: str, nms_scores: torch.Tensor, cls_scores: torch.Tensor, pred_iou: torch.Tensor) -> torch.Tensor:
+    if report == "cls":
+        return cls_scores
+    if report == "cluster":
+        return nms_scores
+    return nms_scores * torch.nan_to_num(pred_iou, nan=1.0)  # unrefined rows keep their NMS score
+
+
+def refine(cfg: Any, run: Any, data: Any, model: Any, refiner: IoURefiner | None, nms: Any, category_ids: Any,
+           device: torch.device, detections: Path | None, predict_fn: Any) -> dict:
+    """The whole command: detections (cached, or inference through `predict_fn()`), NMS, refinement, evaluation."""
+    split = str(cfg.split)
+    gt = data.ann_file(split)
+    if detections is not None:
+        dets = Detections.load(detections)
+        run.console.print(escape(f"detections: {len(dets)} raw boxes from {detections}"))
+    else:
+        run.console.print("no cached detections for this run: running inference first")
+        dets = predict_fn()
+        dets.save(run.path(DET_FILE.format(split=split)))
+    if not dets.has_ious and getattr(nms, "needs_iou", False):
+        raise IouctlError(f"nms={nms.name} needs predicted IoUs, but the detections have none")
+    top_k = refiner.top_k if refiner is not None else 0
+    kept, rows, cls_scores = select_for_refinement(dets, nms, top_k)
+    labels = torch.searchsorted(category_ids, kept.labels)
+    model.eval().requires_grad_(False).to(device)
+    dataset = data.dataset(split)
+    with run.progress() as progress:
+        if refiner is None:
+            run.console.print("refiner=none: boxes are not moved (before = after)")
+            res = {"boxes": kept.boxes.clone(), "pred_before": torch.full((len(kept),), float("nan")),
+                   "steps": torch.zeros(len(kept), dtype=torch.int64), "iterations": [], "seconds": 0.0, "images": 0}
+            res["pred_after"] = res["pred_before"]
+        else:
+            res = refine_boxes(model, dataset, kept, rows, labels, refiner, device, int(cfg.batch_size), progress)
+    report = refiner.report_score if refiner is not None else "cluster"
+    before = kept.select(slice(None))
+    before.scores = _scores(report, kept.scores, cls_scores, res["pred_before"])
+    after = kept.select(slice(None))
+    after.boxes = res["boxes"]
+    after.scores = _scores(report, kept.scores, cls_scores, res["pred_after"])
+    after.meta.update(refined=refiner.name if refiner is not None else "none", after_nms=nms.name)
+    after.save(run.path(f"detections/refined_{split}.npz"))
+
+    m_before = evaluate(gt, before, backend=str(cfg.eval_backend))
+    m_after = evaluate(gt, after, backend=str(cfg.eval_backend))
+    deltas = ap_deltas(m_before, m_after)
+    moved = rows if refiner is not None else torch.zeros(0, dtype=torch.int64)
+    t_before = true_iou(gt, before.select(moved))
+    t_after = true_iou(gt, after.select(moved))
+    diff = t_after - t_before
+    matched = t_before >= 0.5
+
+    def mean(x: torch.Tensor) -> float:
+        x = x[~torch.isnan(x)] if x.is_floating_point() else x
+        return float(x.double().mean()) if x.numel() else float("nan")
+
+    summary = {
+        "refiner": refiner.name if refiner is not None else "none", "nms": nms.name, "report_score": report,
+        "images": res["images"], "boxes_refined": int(len(moved)),
+        "ap_before": {k: m_before[k] for k in AP_KEYS}, "ap_after": {k: m_after[k] for k in AP_KEYS},
+        "ap_delta": {k: deltas[k] for k in AP_KEYS},
+        "ap_per_threshold": {"before": m_before["ap_per_threshold"], "after": m_after["ap_per_threshold"]},
+        "mean_true_iou_before": mean(t_before), "mean_true_iou_after": mean(t_after),
+        "mean_true_iou_before_matched": mean(t_before[matched]), "mean_true_iou_after_matched": mean(t_after[matched]),
+        "mean_pred_iou_before": mean(res["pred_before"][moved]), "mean_pred_iou_after": mean(res["pred_after"][moved]),
+        "share_improved": mean((diff > 1e-6).double()), "share_worse": mean((diff < -1e-6).double()),
+        "mean_steps": mean(res["steps"][moved].double()), "iterations_per_batch": res["iterations"],
+        "ms_per_image": 1000 * res["seconds"] / max(1, res["images"]),
+    }
+    run.write_json("refine.json", summary)
+    png = plot_iou_before_after(t_before, t_after, run.path("plots", "true_iou_before_after.png"))["path"]
+    run.log_image("plots/true_iou_before_after", png)
+    run.log({**{f"before/{k}": m_before[k] for k in AP_KEYS}, **{f"after/{k}": m_after[k] for k in AP_KEYS},
+             **{k: v for k, v in summary.items() if isinstance(v, float)}})
+    cols = ["", *TABLE_KEYS]
+    table = [["before", *(m_before[k] for k in TABLE_KEYS)], ["after", *(m_after[k] for k in TABLE_KEYS)],
+             ["delta", *(deltas[k] for k in TABLE_KEYS)]]
+    run.log_table("refinement", cols, table)
+    _write_markdown(run, cols, table, summary)
+    _print(run, cols, table, summary)
+    return summary
+
+
+def _lines(s: dict) -> list[str]:
+    return [
+        f"boxes refined: {s['boxes_refined']} on {s['images']} images ({s['refiner']}, after {s['nms']}, "
+        f"score reported: {s['report_score']})",
+        f"mean true IoU: {s['mean_true_iou_before']:.4f} -> {s['mean_true_iou_after']:.4f} "
+        f"(boxes with IoU >= 0.5 before: {s['mean_true_iou_before_matched']:.4f} -> "
+        f"{s['mean_true_iou_after_matched']:.4f})",
+        f"mean predicted IoU: {s['mean_pred_iou_before']:.4f} -> {s['mean_pred_iou_after']:.4f}",
+        f"true IoU improved for {100 * s['share_improved']:.1f}% of the boxes, worse for "
+        f"{100 * s['share_worse']:.1f}%; mean accepted steps {s['mean_steps']:.2f}",
+        f"time: {s['ms_per_image']:.1f} ms per image (features + refinement)",
+    ]
+
+
+def _cell(row: str, v: Any) -> str:
+    return fmt_delta(v) if row == "delta" else fmt_ap(v)
+
+
+def _write_markdown(run: Any, cols: list[str], table: list[list[Any]], summary: dict) -> None:
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join([r[0], *(_cell(r[0], v) for v in r[1:])]) + " |" for r in table]
+    run.write_text("results.md", "\n".join(md + [""] + [f"- {line}" for line in _lines(summary)]) + "\n")
+
+
+def _print(run: Any, cols: list[str], table: list[list[Any]], summary: dict) -> None:
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title="refinement (AP in %)", box=box.SIMPLE_HEAD, pad_edge=False)
+    for c in cols:
+        t.add_column(c, justify="left" if not c else "right", no_wrap=True)
+    for r in table:
+        t.add_row(r[0], *(_cell(r[0], v) for v in r[1:]))
+    run.console.print(t)
+    for line in _lines(summary):
+        run.console.print(escape(line))
+    run.console.print("files: refine.json, results.md, detections/refined_*.npz, plots/true_iou_before_after.png")
