@@ -206,6 +206,7 @@ class Train(_Command):
     eval_every: int = MISSING
     checkpoint_every: int = MISSING
     amp: bool = MISSING
+    hflip: bool = MISSING
     clip_grad_norm: Optional[float] = None
     resume: bool = MISSING
     run: Optional[str] = None
@@ -282,6 +283,10 @@ class Data(_Command):
 class Demo(_Command):
     data: Any = MISSING
     steps: List[str] = MISSING
+    train_overrides: List[str] = MISSING
+    nms_ablate_overrides: List[str] = MISSING
+    refine_overrides: List[str] = MISSING
+    bench_pool_overrides: List[str] = MISSING
 
 
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {

@@ -11,7 +11,7 @@ from iouctl.analysis.coco_eval import (
     fmt_delta,
     summarize_eval,
 )
-from iouctl.analysis.correlation import correlations, pairwise_iou_xyxy, pearson, true_iou
+from iouctl.analysis.correlation import correlations, matched_correlations, pairwise_iou_xyxy, pearson, true_iou
 from iouctl.analysis.groundtruth import BACKENDS, GroundTruth, GroundTruthError, clear_gt_cache, load_gt
 from iouctl.analysis.plots import plot_ap_vs_threshold, plot_iou_before_after, plot_score_vs_iou
 from iouctl.analysis.synthetic import synthesize_detections
@@ -31,6 +31,7 @@ __all__ = [
     "correlations",
     "evaluate",
     "load_gt",
+    "matched_correlations",
     "pairwise_iou_xyxy",
     "pearson",
     "plot_ap_vs_threshold",

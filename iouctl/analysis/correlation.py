@@ -115,3 +115,12 @@ def correlations(true_iou: Tensor, scores: dict[str, Tensor]) -> dict[str, dict[
             tau = float(stats.kendalltau(t, v).statistic)
         out[name] = {"pearson": pearson(t, v), "spearman": rho, "kendall": tau}
     return out
+
+
+def matched_correlations(true_iou: Tensor, scores: dict[str, Tensor], min_iou: float = 0.5
+                         ) -> dict[str, dict[str, float]]:
+    """``correlations`` over the detections whose true IoU exceeds ``min_iou`` only: IoU-Net's protocol (Fig. 2,
+    boxes with IoU > 0.5 against their ground truth), where background boxes do not dominate the statistic."""
+    t = true_iou.detach().cpu()
+    keep = t > min_iou
+    return correlations(t[keep], {k: v.detach().cpu()[keep] for k, v in scores.items()})

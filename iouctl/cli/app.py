@@ -253,22 +253,61 @@ def bench_pool(
 
 @app.command()
 def demo(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> None:
-    """The study on the built-in dataset in one command (CPU): dataset, NMS ablation, pooling bench, report.md."""
+    """The whole study on the built-in dataset in one command (CPU, minutes): dataset, train + evaluate iou_net,
+    NMS ablation on its detections, box refinement, a short pooling benchmark; summary table and report.md."""
     shared = [o for o in (overrides or []) if _key(o).split(".")[0] in ("data", "paths", "logger", "seed")]
     steps: dict = {}
     if not cfg:
-        with user_errors():  # a bad override of a step fails before any run directory is made
+        with user_errors():  # a bad override of any step fails before any run directory is made
+            from iouctl import config
             from iouctl.cli.common import compose
+            from iouctl.engine.demo import check_steps
 
-            steps["ablate"] = compose("nms-ablate", ["synthetic=true", *shared])
-            steps["bench"] = compose("bench-pool", [*QUICK_BENCH, *[o for o in shared if not _key(o).startswith("data")]])
+            conf = compose("demo", overrides)
+            check_steps(list(conf.steps))
+            steps["train"] = compose("train", [*conf.train_overrides, *shared])
+            restore = config.overrides_restoring(config.to_dict(steps["train"]), RESTORED, shared)
+            steps["refine"] = compose("refine", [*restore, *conf.refine_overrides, *shared])
+            same_data = [o for o in restore if _key(o).split(".")[0] == "data"]  # the GT of the trained model's data
+            steps["ablate"] = compose("nms-ablate", [*same_data, *conf.nms_ablate_overrides, *shared])
+            no_data = [o for o in shared if not _key(o).startswith("data")]
+            steps["bench"] = compose("bench-pool", [*QUICK_BENCH, *conf.bench_pool_overrides, *no_data])
 
     def body(conf, run):
         from iouctl import config
+        from iouctl.engine.bench_pool import bench_pool as run_bench
         from iouctl.engine.demo import demo as run_demo
+        from iouctl.engine.nms_ablate import nms_ablate as run_ablation
+        from iouctl.engine.refine import refine as run_refine
+        from iouctl.engine.train import CHECKPOINT, train as run_train
 
-        ablate = steps["ablate"]
-        return run_demo(conf, run, config.instantiate(conf.data), (ablate, *_ablation_inputs(ablate)), steps["bench"])
+        trained: dict = {}
+
+        def train_step(child):
+            tconf = steps["train"]
+            child.write_text("config.yaml", config.to_yaml(tconf))  # a run folder refine/eval can be pointed at
+            data, model, evaluate_fn, *_ = _detector_inputs(tconf, child)
+            result = run_train(tconf, child, data, model, config.instantiate(tconf.optim), None, evaluate_fn)
+            trained["dir"] = child.dir
+            return {"model": str(tconf.name), **result}
+
+        def ablate_step(child):
+            aconf = steps["ablate"]
+            return run_ablation(aconf, child, config.instantiate(aconf.data), config.instantiate(aconf.nms),
+                                trained["dir"] / f"detections/{aconf.split}.npz")
+
+        def refine_step(child):
+            rconf = steps["refine"]
+            data, model, _, predict_fn, device, cats = _detector_inputs(rconf, child)
+            _load_weights(model, trained["dir"] / CHECKPOINT, rconf)
+            dets = trained["dir"] / f"detections/{rconf.split}.npz"
+            return run_refine(rconf, child, data, model, config.instantiate(rconf.refiner),
+                              config.instantiate(rconf.nms), cats.ids, device, dets if dets.is_file() else None,
+                              lambda: predict_fn(model, str(rconf.split)))
+
+        actions = {"train": train_step, "nms-ablate": ablate_step, "refine": refine_step,
+                   "bench-pool": lambda child: run_bench(steps["bench"], child)}
+        return run_demo(conf, run, config.instantiate(conf.data), actions)
 
     run_experiment("demo", overrides, cfg, body)
 

@@ -4,6 +4,7 @@ from iouctl.data.coco import (
     CocoDetectionDataset,
     DatasetError,
     ValidationReport,
+    HorizontalFlips,
     collate_detection,
     validate_coco,
 )
@@ -13,5 +14,5 @@ from iouctl.data.voc import VOC_CLASSES, convert_voc
 
 __all__ = [
     "CocoData", "CocoDetectionDataset", "DatasetError", "ShapesData", "ShapesError", "VOC_CLASSES",
-    "ValidationReport", "collate_detection", "convert_voc", "render_preview", "validate_coco",
+    "HorizontalFlips", "ValidationReport", "collate_detection", "convert_voc", "render_preview", "validate_coco",
 ]

@@ -18,7 +18,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -353,6 +353,30 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return f"CocoDetectionDataset({self.report.summary()})"
+
+
+class HorizontalFlips(torch.utils.data.Dataset):
+    """A detection dataset followed by its mirror images: item i < n is item i, item n + i is item i flipped left to
+    right (boxes mirrored). A sampler over 2n items then picks flips deterministically, so resume stays exact."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return 2 * len(self.dataset)
+
+    def __getitem__(self, idx: int):
+        n = len(self.dataset)
+        if not -2 * n <= idx < 2 * n:
+            raise IndexError(f"index {idx} out of range for {2 * n} items (images and their mirrors)")
+        idx %= 2 * n
+        image, target = self.dataset[idx % n]
+        if idx < n:
+            return image, target
+        w = image.shape[-1]
+        boxes = target["boxes"].clone()
+        boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
+        return image.flip(-1), {**target, "boxes": boxes}
 
 
 def collate_detection(batch: Iterable) -> tuple[list[torch.Tensor], list[dict]]:

@@ -1,62 +1,86 @@
-"""`iouctl demo`: the study on the built-in dataset in one run directory, ending in a summary and report.md."""
+"""`iouctl demo`: the study on the built-in dataset in one run directory, ending in a summary and report.md.
+
+The steps (dataset, training + evaluation, NMS ablation, refinement, pooling benchmark) are the same functions the
+single commands run, each writing into its own subfolder; every number of the report is read back from them.
+"""
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import Any
+
+from rich.markup import escape
 
 from iouctl.analysis import fmt_ap, fmt_delta
+from iouctl.errors import ConfigError
 
-STEPS = ("data", "nms-ablate", "bench-pool")
+STEPS = ("data", "train", "nms-ablate", "refine", "bench-pool")
+NEEDS = {"nms-ablate": "train", "refine": "train"}  # their detections and model come from the demo's training
+FOLDERS = {"train": "train", "nms-ablate": "nms_ablate", "refine": "refine", "bench-pool": "bench_pool"}
+AP_COLUMNS = ("AP", "AP50", "AP75", "AP90")
 
 
-def demo(cfg: Any, run: Any, data: Any, ablation: Optional[tuple] = None, bench_cfg: Optional[Any] = None) -> dict:
-    """Run each step of `cfg.steps` into a subfolder of `run`, then summarise; numbers come from these runs only.
-
-    data: the dataset object; ablation: the arguments of engine.nms_ablate after `run` (config, data, baseline,
-    detections); bench_cfg: the bench_pool config."""
-    unknown = [s for s in cfg.steps if s not in STEPS]
+def check_steps(steps: list[str]) -> None:
+    unknown = [s for s in steps if s not in STEPS]
     if unknown:
-        from iouctl.errors import ConfigError
-
         raise ConfigError(f"unknown demo step(s) {', '.join(map(repr, unknown))}; valid: {', '.join(STEPS)}")
+    for step, needed in NEEDS.items():
+        if step in steps and needed not in steps:
+            raise ConfigError(f"demo step {step!r} needs the {needed!r} step (it uses the model the demo trains)")
+
+
+def demo(cfg: Any, run: Any, data: Any, actions: dict[str, Callable[[Any], dict]]) -> dict:
+    """Run each step of `cfg.steps` in order: `actions[step](child_run)` for all but data, each in a subfolder of
+    `run`; then summarise. The data step prepares `data`."""
+    steps = list(cfg.steps)
+    check_steps(steps)
     summary: dict[str, Any] = {"steps": {}}
     timings: dict[str, float] = {}
-
-    if "data" in cfg.steps:
+    t_all = time.perf_counter()
+    for k, step in enumerate(steps, 1):
         t0 = time.perf_counter()
-        from iouctl.engine.prepare import prepare_dataset
+        run.console.rule(f"[bold]demo step {k}/{len(steps)}: {step}[/]  ({time.perf_counter() - t_all:.0f} s so far)")
+        if step == "data":
+            from iouctl.engine.prepare import prepare_dataset
 
-        with run.progress(transient=True) as progress:
-            prepare_dataset(data, progress)
-        summary["steps"]["data"] = {"root": str(data.root), "classes": [c["name"] for c in data.categories]}
-        timings["data"] = time.perf_counter() - t0
-        run.console.print(f"[bold]dataset[/]: {data.root} ({timings['data']:.1f} s)")
-
-    if "nms-ablate" in cfg.steps and ablation is not None:
-        from iouctl.engine.nms_ablate import nms_ablate
-
-        t0 = time.perf_counter()
-        run.console.rule("NMS ablation")
-        ablate_cfg, *inputs = ablation
-        summary["steps"]["nms-ablate"] = nms_ablate(ablate_cfg, run.child("nms_ablate"), *inputs)
-        timings["nms-ablate"] = time.perf_counter() - t0
-
-    if "bench-pool" in cfg.steps and bench_cfg is not None:
-        from iouctl.engine.bench_pool import bench_pool
-
-        t0 = time.perf_counter()
-        run.console.rule("RoI pooling benchmark")
-        summary["steps"]["bench-pool"] = bench_pool(bench_cfg, run.child("bench_pool"))
-        timings["bench-pool"] = time.perf_counter() - t0
-
+            with run.progress(transient=True) as progress:
+                prepare_dataset(data, progress)
+            summary["steps"]["data"] = {"root": str(data.root), "classes": [c["name"] for c in data.categories]}
+        else:
+            summary["steps"][step] = actions[step](run.child(FOLDERS[step]))
+        timings[step] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_all
     summary["seconds"] = timings
     run.write_json("summary.json", summary)
-    report = _report(summary)
-    run.write_text("report.md", report)
+    run.write_text("report.md", _report(summary))
     run.console.rule("summary")
     _print_summary(run, summary)
     run.console.print(f"report: {run.dir / 'report.md'}")
     return summary
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def _corr_rows(corr: dict, matched: dict | None = None) -> list[str]:
+    head = "| score | Pearson | Spearman | Kendall |" + (" Pearson, IoU > 0.5 |" if matched else "")
+    out = [head, "|---|---|---|---|" + ("---|" if matched else "")]
+    for s, c in corr.items():
+        extra = f" {matched[s]['pearson']:.3f} |" if matched else ""
+        out.append(f"| {s} | {c['pearson']:.3f} | {c['spearman']:.3f} | {c['kendall']:.3f} |{extra}")
+    return out
+
+
+def _train_lines(tr: dict) -> list[str]:
+    ev = tr["eval"]
+    m = ev["metrics"]
+    keys = ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90")
+    return [f"{tr['model']} trained for {tr['iterations']} iterations, evaluated on the val split after "
+            f"`{ev['nms']}` ({ev['num_raw']} raw detections, {ev['num_kept']} kept).", "",
+            "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+            "| " + " | ".join(fmt_ap(m[k]) for k in keys) + " |", "",
+            f"Correlation with the true IoU of the raw detections (last column: the {ev['num_matched']} with true "
+            f"IoU > 0.5, IoU-Net's protocol):", "",
+            *_corr_rows(ev["correlations"], ev["correlations_iou>0.5"]), "",
+            "![score vs true IoU](train/plots/score_vs_true_iou_val.png)"]
 
 
 def _ablation_lines(ab: dict) -> list[str]:
@@ -65,16 +89,28 @@ def _ablation_lines(ab: dict) -> list[str]:
     for r in ab["arms"]:
         out.append(f"| {r['arm']} | {fmt_ap(r['AP'])} | {fmt_ap(r['AP50'])} | {fmt_ap(r['AP75'])} | {fmt_ap(r['AP90'])} | "
                    f"{fmt_delta(r['dAP'])} | {fmt_delta(r['dAP90'])} |")
-    out += ["", "| score | Pearson with true IoU | Spearman | Kendall |", "|---|---|---|---|"]
-    out += [f"| {s} | {c['pearson']:.3f} | {c['spearman']:.3f} | {c['kendall']:.3f} |"
-            for s, c in ab["correlation_before_nms"].items()]
-    out += ["", "![AP vs IoU threshold](nms_ablate/plots/ap_vs_iou_threshold.png)",
-            "![score vs true IoU](nms_ablate/plots/score_vs_true_iou.png)"]
+    out += ["", "![AP vs IoU threshold](nms_ablate/plots/ap_vs_iou_threshold.png)"]
     return out
 
 
-def _bench_lines(rows: Any) -> list[str]:
-    rows = rows.get("rows", rows) if isinstance(rows, dict) else rows
+def _refine_lines(rf: dict) -> list[str]:
+    keys = ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90")
+    out = [f"{rf['boxes_refined']} boxes on {rf['images']} images, `{rf['refiner']}` after `{rf['nms']}`.", "",
+           "| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, src, fmt in (("before", "ap_before", fmt_ap), ("after", "ap_after", fmt_ap),
+                           ("delta", "ap_delta", fmt_delta)):
+        out.append(f"| {name} | " + " | ".join(fmt(rf[src][k]) for k in keys) + " |")
+    out += ["", f"- mean true IoU of the refined boxes: {rf['mean_true_iou_before']:.4f} -> "
+                f"{rf['mean_true_iou_after']:.4f}",
+            f"- mean predicted IoU: {rf['mean_pred_iou_before']:.4f} -> {rf['mean_pred_iou_after']:.4f}",
+            f"- true IoU improved for {100 * rf['share_improved']:.1f}% of the boxes, worse for "
+            f"{100 * rf['share_worse']:.1f}%",
+            f"- {rf['ms_per_image']:.1f} ms per image", "",
+            "![true IoU before vs after](refine/plots/true_iou_before_after.png)"]
+    return out
+
+
+def _bench_lines(rows: list[dict]) -> list[str]:
     if not rows:
         return ["(no timings)"]
     keys = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]
@@ -90,8 +126,11 @@ def _report(summary: dict) -> str:
     if "data" in steps:
         lines += ["## Dataset", "", f"Built-in shapes dataset at `{steps['data']['root']}`, classes: "
                   f"{', '.join(steps['data']['classes'])}.", ""]
-    if "nms-ablate" in steps:
-        lines += ["## NMS ablation (AP in %)", "", *_ablation_lines(steps["nms-ablate"]), ""]
+    sections = (("train", "Detector (AP in %)", _train_lines), ("nms-ablate", "NMS ablation (AP in %)", _ablation_lines),
+                ("refine", "Box refinement, IoU-Net Alg. 2 (AP in %)", _refine_lines))
+    for key, title, lines_of in sections:
+        if key in steps:
+            lines += [f"## {title}", "", *lines_of(steps[key]), ""]
     if "bench-pool" in steps:
         lines += ["## RoI pooling timings", "", *_bench_lines(steps["bench-pool"]), "",
                   "![time vs RoI size](bench_pool/plots/bench_pool.png)", ""]
@@ -101,21 +140,34 @@ def _report(summary: dict) -> str:
 
 
 def _print_summary(run: Any, summary: dict) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     steps = summary["steps"]
     if "nms-ablate" in steps:
         ab = steps["nms-ablate"]
-        best = max(ab["arms"], key=lambda r: r["AP"])
-        t = Table(title="demo summary: NMS arms (AP %, baseline first, best AP last)")
-        for c in ("arm", "AP", "AP90", "dAP", "dAP90"):
-            t.add_column(c, justify="left" if c == "arm" else "right")
-        for r in [ab["arms"][0], best] if best is not ab["arms"][0] else [best]:
-            t.add_row(escape(r["arm"]), fmt_ap(r["AP"]), fmt_ap(r["AP90"]), fmt_delta(r["dAP"]), fmt_delta(r["dAP90"]))
+        t = Table(title="NMS arms on the trained detector (AP %, deltas vs the baseline, first row)")
+        for c in ("arm", *AP_COLUMNS, "dAP", "dAP90"):
+            t.add_column(c, justify="left" if c == "arm" else "right", no_wrap=True)
+        for r in ab["arms"]:
+            t.add_row(escape(r["arm"]), *(fmt_ap(r[k]) for k in AP_COLUMNS), fmt_delta(r["dAP"]),
+                      fmt_delta(r["dAP90"]))
         run.console.print(t)
-        corr = ab["correlation_before_nms"]
-        run.console.print("Pearson with the true IoU: " + ", ".join(f"{s} {c['pearson']:.3f}" for s, c in corr.items()))
+    if "train" in steps:
+        ev = steps["train"]["eval"]
+        run.console.print("Pearson with the true IoU, raw detections: " + ", ".join(
+            f"{s} {c['pearson']:.3f}" for s, c in ev["correlations"].items()) + "; true IoU > 0.5: " + ", ".join(
+            f"{s} {c['pearson']:.3f}" for s, c in ev["correlations_iou>0.5"].items()))
+    if "refine" in steps:
+        rf = steps["refine"]
+        run.console.print(escape(
+            f"refinement ({rf['refiner']}): AP {fmt_ap(rf['ap_before']['AP'])} -> {fmt_ap(rf['ap_after']['AP'])} "
+            f"({fmt_delta(rf['ap_delta']['AP'])}), AP90 {fmt_ap(rf['ap_before']['AP90'])} -> "
+            f"{fmt_ap(rf['ap_after']['AP90'])} ({fmt_delta(rf['ap_delta']['AP90'])}), mean true IoU "
+            f"{rf['mean_true_iou_before']:.3f} -> {rf['mean_true_iou_after']:.3f}"))
+    if "bench-pool" in steps:
+        rows = [r for r in steps["bench-pool"] if r["impl"] != "roi_align"]
+        run.console.print("pooling, time / roi_align's: " + ", ".join(
+            f"{r['impl']} {r['phase']} @{r['roi_size']} {r['ratio_to_roi_align']:.2f}x" for r in rows))
     t = Table(title="time per step")
     t.add_column("step")
     t.add_column("seconds", justify="right")

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from rich.markup import escape
 
-from iouctl.analysis import AP_KEYS, correlations, evaluate, fmt_ap, plot_score_vs_iou, true_iou
+from iouctl.analysis import AP_KEYS, correlations, evaluate, fmt_ap, matched_correlations, plot_score_vs_iou, true_iou
 from iouctl.data import collate_detection
 from iouctl.data.detections import Detections
 from iouctl.postprocess.suppression import all_scores
@@ -44,16 +44,22 @@ def evaluate_detections(run: Any, dets: Detections, gt: Any, nms: Any, backend: 
     tiou = true_iou(gt, dets)
     scores = all_scores(dets, cls_weight)
     corr = correlations(tiou, scores)
+    corr_matched = matched_correlations(tiou, scores)
     png = plot_score_vs_iou(tiou, scores, run.path("plots", f"score_vs_true_iou_{split}.png"))["path"]
     run.log_image(f"plots/score_vs_true_iou_{split}", png)
     row = {f"{split}/{k}": metrics[k] for k in AP_KEYS}
     row.update({f"{split}/pearson_{s}": c["pearson"] for s, c in corr.items()})
+    row.update({f"{split}/pearson_{s}_iou>0.5": c["pearson"] for s, c in corr_matched.items()})
     run.log(row, step=step)
-    result = {"metrics": metrics, "correlations": corr, "num_raw": len(dets), "num_kept": len(kept),
+    result = {"metrics": metrics, "correlations": corr, "correlations_iou>0.5": corr_matched,
+              "num_matched": int((tiou > 0.5).sum()), "num_raw": len(dets), "num_kept": len(kept),
               "nms": getattr(nms, "name", type(nms).__name__)}
     run.write_json(f"eval_{split}.json", result)
     run.console.print(escape(
         f"{split} after {result['nms']}: " + "  ".join(f"{k} {fmt_ap(metrics[k])}" for k in
                                                       ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90"))))
-    run.console.print("Pearson with the true IoU: " + ", ".join(f"{s} {c['pearson']:.3f}" for s, c in corr.items()))
+    run.console.print("Pearson with the true IoU, raw detections: " +
+                      ", ".join(f"{s} {c['pearson']:.3f}" for s, c in corr.items()) +
+                      f"; those with true IoU > 0.5 ({result['num_matched']}): " +
+                      ", ".join(f"{s} {c['pearson']:.3f}" for s, c in corr_matched.items()))
     return result

@@ -129,6 +129,10 @@ def train(cfg: Any, run: Any, data: Any, model: torch.nn.Module, make_optimizer:
     s = cfg.schedule
     max_iters = int(s.max_iters)
     dataset = data.dataset("train")
+    if cfg.hflip:  # each epoch sees every image and its mirror, in the sampler's order
+        from iouctl.data import HorizontalFlips
+
+        dataset = HorizontalFlips(dataset)
     sampler = IterationSampler(len(dataset), int(cfg.batch_size), start, max_iters, int(cfg.seed), rank, world)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_detection,
                                          num_workers=int(cfg.num_workers), pin_memory=device.type == "cuda")

@@ -197,3 +197,15 @@ def test_correlations_bad_input():
         correlations(torch.rand(2), {"s": torch.tensor([0.1, float("nan")])})
     with pytest.raises(ValueError, match="non-empty dict"):
         correlations(torch.rand(2), {})
+
+
+def test_matched_correlations_use_only_boxes_above_iou_half():
+    from iouctl.analysis import matched_correlations
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(400, generator=g, dtype=torch.float64)
+    s = {"a": t + 0.1 * torch.rand(400, generator=g, dtype=torch.float64), "b": torch.rand(400, generator=g)}
+    got = matched_correlations(t, s)
+    keep = t > 0.5
+    expect = correlations(t[keep], {k: v[keep] for k, v in s.items()})
+    assert got == expect and got["a"]["pearson"] > 0.9
