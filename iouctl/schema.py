@@ -70,6 +70,7 @@ class RetinaModel(_Detector):
     topk_candidates: int = MISSING
     cls_weight: float = MISSING  # a in cls^a * IoU^(1-a)
     detach_iou_target: bool = MISSING
+    head_norm: str = "none"  # none (the paper's heads) | group (GroupNorm in the towers, torchvision's v2)
 
 
 @dataclass

@@ -254,7 +254,7 @@ class ShapesData:
         texture: textured background and object fills (False: flat colours, useful for exact tests).
     """
 
-    def __init__(self, cache_dir: str, seed: int = 0, num_train: int = 512, num_val: int = 128,
+    def __init__(self, cache_dir: str, seed: int = 0, num_train: int = 2048, num_val: int = 128,
                  image_size: int = 128, min_objects: int = 3, max_objects: int = 12,
                  classes: Sequence[str] | None = None, min_size: float = 12.0, max_size: float = 40.0,
                  cluster_prob: float = 0.5, min_visible: float = 0.35, noise: float = 0.06, texture: bool = True):

@@ -31,7 +31,7 @@ def box_differentiable(model_cfg: dict) -> bool:
     return str(model_cfg.get("_target_", "")).endswith("rcnn.faster_rcnn") and bool(model_cfg.get("iou_head"))
 
 
-def _train_run_of(run_dir: Path, runs_dir: str) -> Path:
+def _train_run_of(run_dir: Path) -> Path:
     """The train run behind a train or eval run folder (an eval run records its checkpoint in source.json)."""
     import json
 
@@ -62,7 +62,7 @@ def find_source(run: str | None, runs_dir: str, split: str) -> tuple[Path, dict,
         for d in sorted(candidates, key=lambda d: d.name, reverse=True):
             if read_status(d) == "COMPLETED" and box_differentiable(_config(d).get("model") or {}):
                 try:
-                    train_dir = _train_run_of(d, runs_dir)
+                    train_dir = _train_run_of(d)
                 except IouctlError:
                     continue
                 break
@@ -74,7 +74,7 @@ def find_source(run: str | None, runs_dir: str, split: str) -> tuple[Path, dict,
         run_dir = Path(run).expanduser()
         if not (run_dir / "config.yaml").is_file():
             raise IouctlError(f"run={run}: no such run folder (a train or eval run directory)")
-        train_dir = _train_run_of(run_dir, runs_dir)
+        train_dir = _train_run_of(run_dir)
     trained = _config(train_dir)
     model = trained.get("model") or {}
     if not box_differentiable(model):

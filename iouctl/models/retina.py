@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from iouctl.errors import ConfigError
 from iouctl.models.backbones import STAGE_CHANNELS, backbone_body
 
 MAX_LEVELS = 5  # P3..P7, the paper's pyramid
+HEAD_NORMS = ("none", "group")
 SMOOTH_L1_BETA = 1.0 / 9.0  # Detectron / mmdet-v1 RetinaNet, the code base of Wu et al.
 
 
@@ -92,10 +94,14 @@ class RetinaHead(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, iou_head: bool = False,
-                 iou_loss_weight: float = 1.0, detach_iou_target: bool = False) -> None:
+                 iou_loss_weight: float = 1.0, detach_iou_target: bool = False, head_norm: str = "none") -> None:
         super().__init__()
-        self.classification_head = RetinaNetClassificationHead(in_channels, num_anchors, num_classes)
-        self.regression_head = RetinaNetRegressionHead(in_channels, num_anchors)
+        if head_norm not in HEAD_NORMS:
+            raise ConfigError(f"head_norm={head_norm!r}; valid: {', '.join(HEAD_NORMS)}")
+        # GroupNorm with 16 channels per group at most 32 groups: 4 groups for the small backbone's 64 channels
+        norm = partial(nn.GroupNorm, max(1, min(32, in_channels // 16))) if head_norm == "group" else None
+        self.classification_head = RetinaNetClassificationHead(in_channels, num_anchors, num_classes, norm_layer=norm)
+        self.regression_head = RetinaNetRegressionHead(in_channels, num_anchors, norm_layer=norm)
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self.num_anchors = num_anchors
         self.iou_loss_weight = float(iou_loss_weight)
@@ -273,7 +279,7 @@ class IoURetinaNet(RetinaNet):
 def retinanet(backbone: str, pretrained: str | None, min_size: int, max_size: int, anchor_sizes: Sequence[int],
               aspect_ratios: Sequence[float], detections_per_img: int, iou_head: bool, iou_loss_weight: float,
               score_thresh: float, topk_candidates: int, cls_weight: float, detach_iou_target: bool,
-              num_classes: int | None = None, pool: nn.Module | None = None) -> IoURetinaNet:
+              num_classes: int | None = None, pool: nn.Module | None = None, head_norm: str = "none") -> IoURetinaNet:
     """RetinaNet (iou_head=False) or IoU-aware RetinaNet (iou_head=True), see `IoURetinaNet` for the call contract.
     `pool` is accepted and unused (a single-stage detector pools no RoIs), so every detector builds the same way.
 
@@ -301,7 +307,7 @@ def retinanet(backbone: str, pretrained: str | None, min_size: int, max_size: in
     body = build_fpn_backbone(backbone, pretrained, len(sizes))
     anchor_generator = AnchorGenerator(tuple((int(s),) for s in sizes), (tuple(float(r) for r in ratios),) * len(sizes))
     head = RetinaHead(body.out_channels, len(ratios), num_classes, iou_head=bool(iou_head),
-                      iou_loss_weight=iou_loss_weight, detach_iou_target=detach_iou_target)
+                      iou_loss_weight=iou_loss_weight, detach_iou_target=detach_iou_target, head_norm=head_norm)
     return IoURetinaNet(body, num_classes, head, anchor_generator, min_size=min_size, max_size=max_size,
                         score_thresh=score_thresh, topk_candidates=topk_candidates,
                         detections_per_img=detections_per_img, cls_weight=cls_weight)

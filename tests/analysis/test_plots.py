@@ -83,3 +83,20 @@ def test_ap_vs_threshold_lines_equal_the_curves(tmp_path):
     assert out["size"] == (980, 400) and len(out["lines"]) == 25  # the legend takes two columns beside the axes
     with pytest.raises(ValueError, match="non-empty dict"):
         plot_ap_vs_threshold({}, tmp_path / "bad.png")
+
+
+def test_iou_before_after_draws_the_pairs_and_counts(tmp_path):
+    from iouctl.analysis import plot_iou_before_after
+
+    before = torch.tensor([0.5, 0.6, 0.7, 0.8], dtype=torch.float64)
+    after = torch.tensor([0.55, 0.6, 0.65, 0.9], dtype=torch.float64)
+    out = plot_iou_before_after(before, after, tmp_path / "p.png")
+    np.testing.assert_array_equal(out["x"], before.numpy())
+    np.testing.assert_array_equal(out["y"], after.numpy())
+    assert (out["improved"], out["worse"]) == (2, 1)
+    assert imread(out["path"]).shape[:2] == (out["size"][1], out["size"][0])
+    big = torch.rand(30000, dtype=torch.float64)
+    out = plot_iou_before_after(big, big + 0.01, tmp_path / "q.png", max_points=1000)
+    assert len(out["x"]) == 1000 and out["improved"] == 30000
+    with pytest.raises(ValueError, match="after"):
+        plot_iou_before_after(before, after[:2], tmp_path / "r.png")
