@@ -154,6 +154,8 @@ def _print_summary(run: Any, summary: dict) -> None:
         run.console.print(t)
     if "train" in steps:
         ev = steps["train"]["eval"]
+        run.console.print(escape(f"{steps['train']['model']} after {ev['nms']}: " + "  ".join(
+            f"{k} {fmt_ap(ev['metrics'][k])}" for k in ("AP", "AP50", "AP75", "AP90"))))
         run.console.print("Pearson with the true IoU, raw detections: " + ", ".join(
             f"{s} {c['pearson']:.3f}" for s, c in ev["correlations"].items()) + "; true IoU > 0.5: " + ", ".join(
             f"{s} {c['pearson']:.3f}" for s, c in ev["correlations_iou>0.5"].items()))
@@ -165,9 +167,9 @@ def _print_summary(run: Any, summary: dict) -> None:
             f"{fmt_ap(rf['ap_after']['AP90'])} ({fmt_delta(rf['ap_delta']['AP90'])}), mean true IoU "
             f"{rf['mean_true_iou_before']:.3f} -> {rf['mean_true_iou_after']:.3f}"))
     if "bench-pool" in steps:
-        rows = [r for r in steps["bench-pool"] if r["impl"] != "roi_align"]
-        run.console.print("pooling, time / roi_align's: " + ", ".join(
-            f"{r['impl']} {r['phase']} @{r['roi_size']} {r['ratio_to_roi_align']:.2f}x" for r in rows))
+        rows = [r for r in steps["bench-pool"] if r["impl"] != "roi_align" and r["roi_size"] == "mixed"]
+        run.console.print("pooling (mixed RoI sizes), time / roi_align's: " + ", ".join(
+            f"{r['impl']} {r['phase'].replace('_', '+')} {r['ratio_to_roi_align']:.2f}x" for r in rows))
     t = Table(title="time per step")
     t.add_column("step")
     t.add_column("seconds", justify="right")

@@ -40,12 +40,14 @@ def test_train_iou_retina_then_eval_the_run(env):
     assert state["iteration"] == 4
     final = json.loads((d / "eval_val.json").read_text())
     assert set(final["correlations"]) == {"cls", "iou", "fused"} and (d / "detections" / "val.npz").is_file()
+    assert set(final["correlations_iou>0.5"]) == {"cls", "iou", "fused"}
 
     r = runner.invoke(app, ["eval", f"run={d}", f"paths.runs_dir={env / 'runs'}"])
     assert r.exit_code == 0, r.output
     (e,) = _runs(env, "eval")
     again = json.loads((e / "eval_val.json").read_text())
     assert again["metrics"] == final["metrics"] and again["num_raw"] == final["num_raw"]  # same weights, same numbers
+    assert json.loads((e / "source.json").read_text())["checkpoint"] == str(d / "checkpoints" / "last.pt")
 
     r = runner.invoke(app, ["eval", f"run={d}", "model=faster_rcnn", f"paths.runs_dir={env / 'runs'}"])
     assert r.exit_code == 2 and "does not fit" in r.stderr and "Traceback" not in r.output
