@@ -10,8 +10,3 @@ class IouctlError(Exception):
 class ConfigError(IouctlError, ValueError):
     """The composed configuration is invalid: unknown key or option, wrong type, missing path."""
 
-
-class NotAvailableYet(IouctlError):
-    """A command whose machinery is not built yet: one clear line instead of a traceback."""
-
-    exit_code = 3

@@ -64,8 +64,7 @@ def _compose_for_lookup(command: str, overrides: Optional[List[str]]):
     (those are checked later, against the run's own model: model.box_score_thresh is valid for iou_net only)."""
     from iouctl.cli.common import compose
 
-    kept = [o for o in overrides or [] if o.split("=", 1)[0].lstrip("+~").split(".", 1)[0] not in RESTORED
-            or "." not in o.split("=", 1)[0]]
+    kept = [o for o in overrides or [] if "." not in _key(o) or _key(o).split(".", 1)[0] not in RESTORED]
     return compose(command, kept)
 
 
@@ -206,16 +205,21 @@ def refine(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> 
             found["extra"] = config.overrides_restoring(trained, RESTORED, overrides or [])
 
     def body(conf, run):
-        from iouctl import config
-        from iouctl.engine.refine import refine as run_refine
-
-        data, model, _, predict_fn, device, cats = _detector_inputs(conf, run)
-        _load_weights(model, found["checkpoint"], conf)
-        run.write_json("source.json", {"checkpoint": str(found["checkpoint"])})
-        return run_refine(conf, run, data, model, config.instantiate(conf.refiner), config.instantiate(conf.nms),
-                          cats.ids, device, found["detections"], lambda: predict_fn(model, str(conf.split)))
+        return _refine_run(conf, run, found["checkpoint"], found["detections"])
 
     run_experiment("refine", overrides, cfg, body, extra_overrides=found.get("extra"))
+
+
+def _refine_run(conf, run, checkpoint, detections):
+    """Refine with the model of `checkpoint` on cached raw `detections` (None: run inference first)."""
+    from iouctl import config
+    from iouctl.engine.refine import refine as run_refine
+
+    data, model, _, predict_fn, device, cats = _detector_inputs(conf, run)
+    _load_weights(model, checkpoint, conf)
+    run.write_json("source.json", {"checkpoint": str(checkpoint)})
+    return run_refine(conf, run, data, model, config.instantiate(conf.refiner), config.instantiate(conf.nms),
+                      cats.ids, device, detections, lambda: predict_fn(model, str(conf.split)))
 
 
 # `bench-pool --quick` and the demo's pooling step: seconds, not minutes, on a 2-core CPU.
@@ -278,7 +282,6 @@ def demo(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> No
         from iouctl.engine.bench_pool import bench_pool as run_bench
         from iouctl.engine.demo import demo as run_demo
         from iouctl.engine.nms_ablate import nms_ablate as run_ablation
-        from iouctl.engine.refine import refine as run_refine
         from iouctl.engine.train import CHECKPOINT, train as run_train
 
         trained: dict = {}
@@ -297,13 +300,8 @@ def demo(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> No
                                 trained["dir"] / f"detections/{aconf.split}.npz")
 
         def refine_step(child):
-            rconf = steps["refine"]
-            data, model, _, predict_fn, device, cats = _detector_inputs(rconf, child)
-            _load_weights(model, trained["dir"] / CHECKPOINT, rconf)
-            dets = trained["dir"] / f"detections/{rconf.split}.npz"
-            return run_refine(rconf, child, data, model, config.instantiate(rconf.refiner),
-                              config.instantiate(rconf.nms), cats.ids, device, dets if dets.is_file() else None,
-                              lambda: predict_fn(model, str(rconf.split)))
+            dets = trained["dir"] / f"detections/{steps['refine'].split}.npz"
+            return _refine_run(steps["refine"], child, trained["dir"] / CHECKPOINT, dets if dets.is_file() else None)
 
         actions = {"train": train_step, "nms-ablate": ablate_step, "refine": refine_step,
                    "bench-pool": lambda child: run_bench(steps["bench"], child)}

@@ -139,6 +139,19 @@ def refine_boxes(model: Any, dataset: Any, dets: Detections, rows: torch.Tensor,
             "iterations": iterations, "seconds": seconds, "images": len(images)}
 
 
+def _check_match(dets: Detections, dataset: Any, category_ids: torch.Tensor, source: Path | None) -> None:
+    """Detections of another dataset (other image ids or categories) are one clear error, not a wrong result."""
+    where = source or "the detections"
+    missing = set(dets.image_ids.unique().tolist()) - set(dataset.image_ids)
+    if missing:
+        raise IouctlError(f"{where}: image id {min(missing)} (and {len(missing) - 1} more) is not in the dataset's "
+                          f"split; refine needs the data config the detections were made with")
+    unknown = set(dets.labels.unique().tolist()) - set(category_ids.tolist())
+    if unknown:
+        raise IouctlError(f"{where}: category id {min(unknown)} is not one of the dataset's "
+                          f"{sorted(category_ids.tolist())}")
+
+
 def _scores(report: str, nms_scores: torch.Tensor, cls_scores: torch.Tensor, pred_iou: torch.Tensor) -> torch.Tensor:
     if report == "cls":
         return cls_scores
@@ -161,11 +174,12 @@ def refine(cfg: Any, run: Any, data: Any, model: Any, refiner: IoURefiner | None
         dets.save(run.path(DET_FILE.format(split=split)))
     if not dets.has_ious and getattr(nms, "needs_iou", False):
         raise IouctlError(f"nms={nms.name} needs predicted IoUs, but the detections have none")
+    dataset = data.dataset(split)
+    _check_match(dets, dataset, category_ids, detections)
     top_k = refiner.top_k if refiner is not None else 0
     kept, rows, cls_scores = select_for_refinement(dets, nms, top_k)
     labels = torch.searchsorted(category_ids, kept.labels)
     model.eval().requires_grad_(False).to(device)
-    dataset = data.dataset(split)
     with run.progress() as progress:
         if refiner is None:
             run.console.print("refiner=none: boxes are not moved (before = after)")

@@ -181,6 +181,18 @@ def test_loss_dict_finite_and_backward(iou_head):
         assert model.head.iou_pred.weight.grad.abs().sum() > 0
 
 
+def test_group_norm_heads():
+    model = build(iou_head=True, head_norm="group")
+    norms = [m for m in model.head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 8 and all(n.num_groups == 4 for n in norms)  # 4 per tower; 64 FPN channels, 16 per group
+    images, targets = batch()
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="head_norm='batch'; valid: none, group"):
+        build(head_norm="batch")
+
+
 @pytest.mark.parametrize("iou_head", [False, True])
 def test_a_few_steps_reduce_the_loss(iou_head):
     model = build(iou_head=iou_head)
