@@ -89,8 +89,10 @@ def test_signal_in_a_real_process(tmp_path, sig):
                 run.log({{"i": i}}, step=i)
                 time.sleep(0.05)
     """)
+    # A shell's background job inherits SIGINT ignored (and Python keeps it so): give the child the default, as a
+    # terminal's Ctrl-C meets it.
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO)
+                            text=True, cwd=REPO, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run_dir = Path(proc.stdout.readline().strip())
     time.sleep(0.5)
     proc.send_signal(sig)
