@@ -122,7 +122,8 @@ class MultiLevelPool(nn.Module):
         level = self.mapper([rois[:, 1:]])
         for k, (feat, pool) in enumerate(zip(feats, self.pools)):
             idx = torch.where(level == k)[0]
-            out = out.index_put((idx,), pool(feat, rois[idx]))  # out-of-place: keeps autograd simple
+            if idx.numel():  # an empty level's call would cost a full (backward) pass over its map for nothing
+                out = out.index_put((idx,), pool(feat, rois[idx]))  # out-of-place: keeps autograd simple
         return out
 
 
