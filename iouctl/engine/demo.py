@@ -101,7 +101,8 @@ def _refine_lines(rf: dict) -> list[str]:
                            ("delta", "ap_delta", fmt_delta)):
         out.append(f"| {name} | " + " | ".join(fmt(rf[src][k]) for k in keys) + " |")
     out += ["", f"- mean true IoU of the refined boxes: {rf['mean_true_iou_before']:.4f} -> "
-                f"{rf['mean_true_iou_after']:.4f}",
+                f"{rf['mean_true_iou_after']:.4f}; of those with true IoU >= 0.5 before: "
+                f"{rf['mean_true_iou_before_matched']:.4f} -> {rf['mean_true_iou_after_matched']:.4f}",
             f"- mean predicted IoU: {rf['mean_pred_iou_before']:.4f} -> {rf['mean_pred_iou_after']:.4f}",
             f"- true IoU improved for {100 * rf['share_improved']:.1f}% of the boxes, worse for "
             f"{100 * rf['share_worse']:.1f}%",
