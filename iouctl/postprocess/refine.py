@@ -106,7 +106,8 @@ class IoURefiner:
             wh = (b[idx, 2:] - b[idx, :2]).repeat(1, 2)
             proposal = b[idx] + step[idx, None] * grad[idx] * wh
             proposal = torch.minimum(proposal.clamp(min=0), limit[idx])
-            valid = ((proposal[:, 2:] - proposal[:, :2]) >= MIN_SIDE).all(dim=1)
+            valid = ((proposal[:, 2:] - proposal[:, :2]) >= MIN_SIDE).all(dim=1)  # False for NaN too
+            proposal = torch.where(valid[:, None], proposal, b[idx])  # the predictor never sees a broken box
             # the last check needs no gradient: no step follows it
             new_iou, new_grad = evaluate(idx, proposal, need_grad=t + 1 < self.iterations)
             gain = new_iou - iou[idx]

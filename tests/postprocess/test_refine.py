@@ -95,6 +95,21 @@ def test_boxes_stay_valid_and_inside_the_image_with_huge_steps():
         assert (b[:, :2] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
 
 
+def test_a_nan_gradient_freezes_the_box_where_it_is():
+    boxes, targets, sizes = _scene(seed=5, n_img=1, per_img=3)
+    seen = []
+
+    def nan_for_row_1(bs, rows):
+        seen.append(torch.cat(bs).detach().clone())
+        iou = paired_box_iou(bs[0], torch.cat(targets)[rows[0]])
+        return [torch.where(rows[0] == 1, iou * float("nan"), iou)]
+
+    out = IoURefiner()(nan_for_row_1, boxes, sizes)
+    assert all(torch.isfinite(x).all() for x in seen)  # the predictor never gets a NaN box
+    torch.testing.assert_close(out.boxes[0][1].double(), boxes[0][1], atol=1e-5, rtol=0)
+    assert out.steps[1] == 0 and torch.isfinite(out.boxes[0]).all()
+
+
 def test_revert_variant_never_lowers_the_predicted_iou():
     boxes, targets, sizes = _scene(seed=3)
     predict = _predictor(targets)
