@@ -42,9 +42,12 @@ def _train_run_of(run_dir: Path) -> Path:
     source = run_dir / "source.json"
     if source.is_file():
         ckpt = Path(json.loads(source.read_text())["checkpoint"])
-        if ckpt.is_file():
-            return ckpt.parent.parent
-        raise IouctlError(f"run={run_dir}: its checkpoint {ckpt} no longer exists")
+        if not ckpt.is_file():
+            raise IouctlError(f"run={run_dir}: its checkpoint {ckpt} no longer exists")
+        if not (ckpt.parent.parent / "config.yaml").is_file():
+            raise IouctlError(f"run={run_dir} evaluated {ckpt}, which is not inside a train run (no config.yaml to "
+                              f"rebuild its model from); pass run=<the train run>")
+        return ckpt.parent.parent
     raise IouctlError(f"run={run_dir} is neither a train run (no {CHECKPOINT}) nor an eval run of one")
 
 
