@@ -23,10 +23,12 @@ from iouctl.models.retina import retinanet
 
 def build(iou_head: bool, backbone: str, size: int, num_classes: int, device: torch.device):
     torch.manual_seed(0)
+    # the values of conf/model/iou_retina.yaml (retina.yaml differs only in iou_head)
     model = retinanet(backbone=backbone, pretrained=None, min_size=size, max_size=size,
-                      anchor_sizes=[16, 32, 64, 128, 256], aspect_ratios=[0.5, 1.0, 2.0], detections_per_img=100,
-                      iou_head=iou_head, iou_loss_weight=1.0, score_thresh=0.05, topk_candidates=1000,
-                      cls_weight=0.5, detach_iou_target=False, num_classes=num_classes).to(device).train()
+                      anchor_sizes=[16, 32, 64], aspect_ratios=[0.5, 1.0, 2.0], detections_per_img=100,
+                      iou_head=iou_head, iou_loss_weight=4.0, score_thresh=0.05, topk_candidates=1000,
+                      cls_weight=0.5, detach_iou_target=True, head_norm="group",
+                      num_classes=num_classes).to(device).train()
     return model, torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
 
 
