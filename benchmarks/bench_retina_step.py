@@ -27,7 +27,7 @@ def build(iou_head: bool, backbone: str, size: int, num_classes: int, device: to
     model = retinanet(backbone=backbone, pretrained=None, min_size=size, max_size=size,
                       anchor_sizes=[16, 32, 64], aspect_ratios=[0.5, 1.0, 2.0], detections_per_img=100,
                       iou_head=iou_head, iou_loss_weight=4.0, score_thresh=0.05, topk_candidates=1000,
-                      cls_weight=0.5, detach_iou_target=True, head_norm="group",
+                      cls_weight=0.5, detach_iou_target=True, head_norm="group", iou_supervision="overlapping",
                       num_classes=num_classes).to(device).train()
     return model, torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
 

@@ -71,6 +71,7 @@ class RetinaModel(_Detector):
     cls_weight: float = MISSING  # a in cls^a * IoU^(1-a)
     detach_iou_target: bool = MISSING
     head_norm: str = "none"  # none (the paper's heads) | group (GroupNorm in the towers, torchvision's v2)
+    iou_supervision: str = "positives"  # positives (the paper) | overlapping (also non-positive anchors whose box hits a GT)
 
 
 @dataclass

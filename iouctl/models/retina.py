@@ -29,6 +29,9 @@ from iouctl.models.backbones import STAGE_CHANNELS, backbone_body
 
 MAX_LEVELS = 5  # P3..P7, the paper's pyramid
 HEAD_NORMS = ("none", "group")
+# positives: the paper (IoU loss on positive anchors only); overlapping: also every other anchor whose decoded box
+# overlaps a ground truth by IoU >= 0.5 (target: that IoU, detached), the detections the IoU is judged on
+IOU_SUPERVISION = ("positives", "overlapping")
 SMOOTH_L1_BETA = 1.0 / 9.0  # Detectron / mmdet-v1 RetinaNet, the code base of Wu et al.
 
 
@@ -94,10 +97,14 @@ class RetinaHead(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, iou_head: bool = False,
-                 iou_loss_weight: float = 1.0, detach_iou_target: bool = False, head_norm: str = "none") -> None:
+                 iou_loss_weight: float = 1.0, detach_iou_target: bool = False, head_norm: str = "none",
+                 iou_supervision: str = "positives") -> None:
         super().__init__()
         if head_norm not in HEAD_NORMS:
             raise ConfigError(f"head_norm={head_norm!r}; valid: {', '.join(HEAD_NORMS)}")
+        if iou_supervision not in IOU_SUPERVISION:
+            raise ConfigError(f"iou_supervision={iou_supervision!r}; valid: {', '.join(IOU_SUPERVISION)}")
+        self.iou_supervision = iou_supervision
         # GroupNorm with 16 channels per group at most 32 groups: 4 groups for the small backbone's 64 channels
         norm = partial(nn.GroupNorm, max(1, min(32, in_channels // 16))) if head_norm == "group" else None
         self.classification_head = RetinaNetClassificationHead(in_channels, num_anchors, num_classes, norm_layer=norm)
@@ -173,7 +180,32 @@ class RetinaHead(nn.Module):
             iou_t = self.iou_target(deltas, anchors_pos, gt).to(logits.dtype)
             bce = F.binary_cross_entropy_with_logits(logits, iou_t, reduction="none")
             losses["iou"] = self.iou_loss_weight * (bce * weight.to(bce.dtype)).sum()
+            if self.iou_supervision == "overlapping":
+                losses["iou"] = losses["iou"] + self.iou_loss_weight * self._overlap_iou_loss(
+                    targets, head_outputs, anchors, matched, npos)
         return losses
+
+
+    def _overlap_iou_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor],
+                          anchors: list[Tensor], matched: Tensor, npos: Tensor) -> Tensor:
+        """BCE of the IoU logit of non-positive anchors whose decoded box overlaps a GT by IoU >= 0.5, against that
+        IoU (detached: the regression of these anchors is not trained), normalised as the positives' term."""
+        from torchvision.ops import box_iou
+
+        total = head_outputs["iou_logits"].sum() * 0.0
+        for i, t in enumerate(targets):
+            if len(t["boxes"]) == 0:
+                continue
+            with torch.no_grad():
+                decoded = self.box_coder.decode_single(head_outputs["bbox_regression"][i].detach().float(),
+                                                       anchors[i].float())
+                best = box_iou(decoded, t["boxes"].float()).amax(dim=1)
+                extra = torch.where((best >= 0.5) & (matched[i] < 0))[0]
+            if extra.numel():
+                logits = head_outputs["iou_logits"][i, extra]
+                bce = F.binary_cross_entropy_with_logits(logits, best[extra].to(logits.dtype), reduction="sum")
+                total = total + bce / (npos[i].to(bce.dtype) * len(targets))
+        return total
 
 
 # -------------------------------------------------------------------------------------------------------------- model
@@ -279,7 +311,8 @@ class IoURetinaNet(RetinaNet):
 def retinanet(backbone: str, pretrained: str | None, min_size: int, max_size: int, anchor_sizes: Sequence[int],
               aspect_ratios: Sequence[float], detections_per_img: int, iou_head: bool, iou_loss_weight: float,
               score_thresh: float, topk_candidates: int, cls_weight: float, detach_iou_target: bool,
-              num_classes: int | None = None, pool: nn.Module | None = None, head_norm: str = "none") -> IoURetinaNet:
+              num_classes: int | None = None, pool: nn.Module | None = None, head_norm: str = "none",
+              iou_supervision: str = "positives") -> IoURetinaNet:
     """RetinaNet (iou_head=False) or IoU-aware RetinaNet (iou_head=True), see `IoURetinaNet` for the call contract.
     `pool` is accepted and unused (a single-stage detector pools no RoIs), so every detector builds the same way.
 
@@ -307,7 +340,8 @@ def retinanet(backbone: str, pretrained: str | None, min_size: int, max_size: in
     body = build_fpn_backbone(backbone, pretrained, len(sizes))
     anchor_generator = AnchorGenerator(tuple((int(s),) for s in sizes), (tuple(float(r) for r in ratios),) * len(sizes))
     head = RetinaHead(body.out_channels, len(ratios), num_classes, iou_head=bool(iou_head),
-                      iou_loss_weight=iou_loss_weight, detach_iou_target=detach_iou_target, head_norm=head_norm)
+                      iou_loss_weight=iou_loss_weight, detach_iou_target=detach_iou_target, head_norm=head_norm,
+                      iou_supervision=iou_supervision)
     return IoURetinaNet(body, num_classes, head, anchor_generator, min_size=min_size, max_size=max_size,
                         score_thresh=score_thresh, topk_candidates=topk_candidates,
                         detections_per_img=detections_per_img, cls_weight=cls_weight)

@@ -127,6 +127,33 @@ def test_iou_loss_ignores_non_positive_anchors():
     assert after.item() == before.item()
 
 
+def test_overlapping_iou_supervision_adds_the_non_positive_anchors_that_hit_a_gt():
+    g = torch.Generator().manual_seed(6)
+    paper = RetinaHead(8, 3, NUM_CLASSES, iou_head=True, iou_loss_weight=2.0)
+    ext = RetinaHead(8, 3, NUM_CLASSES, iou_head=True, iou_loss_weight=2.0, iou_supervision="overlapping")
+    targets, outputs, anchors, matched = synthetic(paper, g)
+    for i in range(2):  # make some non-positive anchors' decoded boxes land on a GT
+        anchors[i][:6] = targets[i]["boxes"][torch.arange(6) % 4] + 0.5
+    base = paper.compute_loss(targets, outputs, anchors, matched)["iou"]
+    got = ext.compute_loss(targets, outputs, anchors, matched)["iou"]
+    extra_ref, found = 0.0, 0
+    for i in range(2):
+        npos = max(1, sum(int(m >= 0) for m in matched[i]))
+        for j in range(len(matched[i])):
+            if matched[i][j] >= 0:
+                continue
+            box = decode64(outputs["bbox_regression"][i, j].detach().double()[None], anchors[i][j].double()[None])
+            best = float(box_iou(box, targets[i]["boxes"].double()).max())
+            if best >= 0.5:
+                found += 1
+                p = 1 / (1 + math.exp(-float(outputs["iou_logits"][i, j].detach())))
+                extra_ref += 2.0 * -(best * math.log(p) + (1 - best) * math.log(1 - p)) / npos / 2
+    assert found > 0
+    assert (got - base).item() == pytest.approx(extra_ref, rel=1e-5)
+    with pytest.raises(ValueError, match="iou_supervision='all'; valid: positives, overlapping"):
+        RetinaHead(8, 3, NUM_CLASSES, iou_head=True, iou_supervision="all")
+
+
 @pytest.mark.parametrize("detach", [False, True])
 def test_detach_switch_controls_gradient_into_regression(detach):
     g = torch.Generator().manual_seed(5)
