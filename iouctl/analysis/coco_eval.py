@@ -29,6 +29,7 @@ SINGLE_THRESHOLD_KEYS = {"AP60": 0.60, "AP70": 0.70, "AP80": 0.80, "AP90": 0.90}
 # cocoeval's thresholds, built as it builds them (np.arange would drift).
 IOU_THRESHOLDS = tuple(float(t) for t in np.linspace(0.5, 0.95, 10))
 AP_KEYS = ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90", "AP_S", "AP_M", "AP_L")
+TABLE_KEYS = AP_KEYS[:7]  # the columns of result tables: AP and the strict thresholds
 
 
 def _results_list(g: GroundTruth, results: Any, scores: Tensor | None) -> list[dict]:
@@ -192,6 +193,7 @@ __all__ = [
     "GroundTruthError",
     "IOU_THRESHOLDS",
     "STAT_KEYS",
+    "TABLE_KEYS",
     "ap_deltas",
     "evaluate",
     "summarize_eval",

@@ -26,16 +26,23 @@ app.add_typer(data_app, name="data")
 def train(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> None:
     """Train a detector (model=retina|iou_retina|faster_rcnn|iou_net), then evaluate it on the val split."""
     def body(conf, run):
-        from iouctl import config
-        from iouctl.engine.train import CHECKPOINT, train as run_train
+        from iouctl.engine.train import CHECKPOINT
         from iouctl.runs import find_run_file
 
-        data, model, evaluate_fn, *_ = _detector_inputs(conf, run)
         resume = find_run_file(conf.run, conf.paths.runs_dir, ["train"], CHECKPOINT, status=None) \
             if conf.resume else None
-        return run_train(conf, run, data, model, config.instantiate(conf.optim), resume, evaluate_fn)
+        return _train_run(conf, run, resume)
 
     run_experiment("train", overrides, cfg, body)
+
+
+def _train_run(conf, run, resume=None) -> dict:
+    """Build data, model and optimizer from a train config and train (then evaluate) into `run`."""
+    from iouctl import config
+    from iouctl.engine.train import train as run_train
+
+    data, model, evaluate_fn, *_ = _detector_inputs(conf, run)
+    return run_train(conf, run, data, model, config.instantiate(conf.optim), resume, evaluate_fn)
 
 
 @app.command("eval")
@@ -282,15 +289,14 @@ def demo(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> No
         from iouctl.engine.bench_pool import bench_pool as run_bench
         from iouctl.engine.demo import demo as run_demo
         from iouctl.engine.nms_ablate import nms_ablate as run_ablation
-        from iouctl.engine.train import CHECKPOINT, train as run_train
+        from iouctl.engine.train import CHECKPOINT
 
         trained: dict = {}
 
         def train_step(child):
             tconf = steps["train"]
             child.write_text("config.yaml", config.to_yaml(tconf))  # a run folder refine/eval can be pointed at
-            data, model, evaluate_fn, *_ = _detector_inputs(tconf, child)
-            result = run_train(tconf, child, data, model, config.instantiate(tconf.optim), None, evaluate_fn)
+            result = _train_run(tconf, child)
             trained["dir"] = child.dir
             return {"model": str(tconf.name), **result}
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from iouctl.analysis import fmt_ap, fmt_delta
+from iouctl.analysis import TABLE_KEYS, fmt_ap, fmt_delta
 from iouctl.errors import ConfigError
 
 STEPS = ("data", "train", "nms-ablate", "refine", "bench-pool")
@@ -72,11 +72,10 @@ def _corr_rows(corr: dict, matched: dict | None = None) -> list[str]:
 def _train_lines(tr: dict) -> list[str]:
     ev = tr["eval"]
     m = ev["metrics"]
-    keys = ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90")
     return [f"{tr['model']} trained for {tr['iterations']} iterations, evaluated on the val split after "
             f"`{ev['nms']}` ({ev['num_raw']} raw detections, {ev['num_kept']} kept).", "",
-            "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
-            "| " + " | ".join(fmt_ap(m[k]) for k in keys) + " |", "",
+            "| " + " | ".join(TABLE_KEYS) + " |", "|" + "---|" * len(TABLE_KEYS),
+            "| " + " | ".join(fmt_ap(m[k]) for k in TABLE_KEYS) + " |", "",
             f"Correlation with the true IoU of the raw detections (last column: the {ev['num_matched']} with true "
             f"IoU > 0.5, IoU-Net's protocol):", "",
             *_corr_rows(ev["correlations"], ev["correlations_iou>0.5"]), "",
@@ -94,21 +93,10 @@ def _ablation_lines(ab: dict) -> list[str]:
 
 
 def _refine_lines(rf: dict) -> list[str]:
-    keys = ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90")
-    out = [f"{rf['boxes_refined']} boxes on {rf['images']} images, `{rf['refiner']}` after `{rf['nms']}`.", "",
-           "| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for name, src, fmt in (("before", "ap_before", fmt_ap), ("after", "ap_after", fmt_ap),
-                           ("delta", "ap_delta", fmt_delta)):
-        out.append(f"| {name} | " + " | ".join(fmt(rf[src][k]) for k in keys) + " |")
-    out += ["", f"- mean true IoU of the refined boxes: {rf['mean_true_iou_before']:.4f} -> "
-                f"{rf['mean_true_iou_after']:.4f}; of those with true IoU >= 0.5 before: "
-                f"{rf['mean_true_iou_before_matched']:.4f} -> {rf['mean_true_iou_after_matched']:.4f}",
-            f"- mean predicted IoU: {rf['mean_pred_iou_before']:.4f} -> {rf['mean_pred_iou_after']:.4f}",
-            f"- true IoU improved for {100 * rf['share_improved']:.1f}% of the boxes, worse for "
-            f"{100 * rf['share_worse']:.1f}%",
-            f"- {rf['ms_per_image']:.1f} ms per image", "",
-            "![true IoU before vs after](refine/plots/true_iou_before_after.png)"]
-    return out
+    from iouctl.engine.refine import markdown
+
+    return [f"{rf['boxes_refined']} boxes on {rf['images']} images, `{rf['refiner']}` after `{rf['nms']}`.", "",
+            *markdown(rf), "", "![true IoU before vs after](refine/plots/true_iou_before_after.png)"]
 
 
 def _bench_lines(rows: list[dict]) -> list[str]:

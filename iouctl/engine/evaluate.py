@@ -6,7 +6,9 @@ from typing import Any
 import torch
 from rich.markup import escape
 
-from iouctl.analysis import AP_KEYS, correlations, evaluate, fmt_ap, matched_correlations, plot_score_vs_iou, true_iou
+from iouctl.analysis import (
+    AP_KEYS, TABLE_KEYS, correlations, evaluate, fmt_ap, matched_correlations, plot_score_vs_iou, true_iou,
+)
 from iouctl.data import collate_detection
 from iouctl.data.detections import Detections
 from iouctl.postprocess.suppression import all_scores
@@ -56,8 +58,7 @@ def evaluate_detections(run: Any, dets: Detections, gt: Any, nms: Any, backend: 
               "nms": getattr(nms, "name", type(nms).__name__)}
     run.write_json(f"eval_{split}.json", result)
     run.console.print(escape(
-        f"{split} after {result['nms']}: " + "  ".join(f"{k} {fmt_ap(metrics[k])}" for k in
-                                                      ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90"))))
+        f"{split} after {result['nms']}: " + "  ".join(f"{k} {fmt_ap(metrics[k])}" for k in TABLE_KEYS)))
     run.console.print("Pearson with the true IoU, raw detections: " +
                       ", ".join(f"{s} {c['pearson']:.3f}" for s, c in corr.items()) +
                       f"; those with true IoU > 0.5 ({result['num_matched']}): " +

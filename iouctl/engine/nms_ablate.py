@@ -10,7 +10,7 @@ from typing import Any
 from rich.markup import escape
 
 from iouctl.analysis import (
-    AP_KEYS, ap_deltas, correlations, evaluate, fmt_ap, fmt_delta, matched_correlations, plot_ap_vs_threshold,
+    AP_KEYS, TABLE_KEYS, ap_deltas, correlations, evaluate, fmt_ap, fmt_delta, matched_correlations, plot_ap_vs_threshold,
     plot_score_vs_iou, synthesize_detections, true_iou,
 )
 from iouctl.data.detections import Detections
@@ -19,7 +19,6 @@ from iouctl.errors import ConfigError, IouctlError
 from iouctl.postprocess.suppression import SCORES, GreedyNMS, IoUGuidedNMS, SoftNMS, all_scores
 
 METHODS = ("greedy", "iou-guided", "soft-linear", "soft-gaussian")
-TABLE_KEYS = ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90")
 
 
 def build_arms(methods, scores, thresholds, cls_weight, soft_sigma, soft_score_threshold, max_per_image) -> list:

@@ -9,12 +9,11 @@ import torch
 from rich.markup import escape
 from torchvision.models.detection.transform import resize_boxes
 
-from iouctl.analysis import AP_KEYS, ap_deltas, evaluate, fmt_ap, fmt_delta, plot_iou_before_after, true_iou
+from iouctl.analysis import AP_KEYS, TABLE_KEYS, ap_deltas, evaluate, fmt_ap, fmt_delta, plot_iou_before_after, true_iou
 from iouctl.data.detections import Detections, rank_per_image
 from iouctl.errors import IouctlError
 from iouctl.postprocess.refine import IoURefiner
 
-TABLE_KEYS = ("AP", "AP50", "AP60", "AP70", "AP75", "AP80", "AP90")
 DET_FILE = "detections/{split}.npz"
 
 
@@ -235,7 +234,7 @@ def refine(cfg: Any, run: Any, data: Any, model: Any, refiner: IoURefiner | None
     table = [["before", *(m_before[k] for k in TABLE_KEYS)], ["after", *(m_after[k] for k in TABLE_KEYS)],
              ["delta", *(deltas[k] for k in TABLE_KEYS)]]
     run.log_table("refinement", cols, table)
-    _write_markdown(run, cols, table, summary)
+    run.write_text("results.md", "\n".join(markdown(summary)) + "\n")
     _print(run, cols, table, summary)
     return summary
 
@@ -244,9 +243,9 @@ def _lines(s: dict) -> list[str]:
     return [
         f"boxes refined: {s['boxes_refined']} on {s['images']} images ({s['refiner']}, after {s['nms']}, "
         f"score reported: {s['report_score']})",
-        f"mean true IoU: {s['mean_true_iou_before']:.4f} -> {s['mean_true_iou_after']:.4f} "
-        f"(boxes with IoU >= 0.5 before: {s['mean_true_iou_before_matched']:.4f} -> "
-        f"{s['mean_true_iou_after_matched']:.4f})",
+        f"mean true IoU of the refined boxes: {s['mean_true_iou_before']:.4f} -> {s['mean_true_iou_after']:.4f}; "
+        f"of those with true IoU >= 0.5 before: {s['mean_true_iou_before_matched']:.4f} -> "
+        f"{s['mean_true_iou_after_matched']:.4f}",
         f"mean predicted IoU: {s['mean_pred_iou_before']:.4f} -> {s['mean_pred_iou_after']:.4f}",
         f"true IoU improved for {100 * s['share_improved']:.1f}% of the boxes, worse for "
         f"{100 * s['share_worse']:.1f}%; mean accepted steps {s['mean_steps']:.2f}",
@@ -258,10 +257,13 @@ def _cell(row: str, v: Any) -> str:
     return fmt_delta(v) if row == "delta" else fmt_ap(v)
 
 
-def _write_markdown(run: Any, cols: list[str], table: list[list[Any]], summary: dict) -> None:
-    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join([r[0], *(_cell(r[0], v) for v in r[1:])]) + " |" for r in table]
-    run.write_text("results.md", "\n".join(md + [""] + [f"- {line}" for line in _lines(summary)]) + "\n")
+def markdown(s: dict) -> list[str]:
+    """The AP table (before / after / delta) and the summary lines of a refine summary, as markdown lines: the
+    command's results.md and the demo's report both use it."""
+    md = ["| | " + " | ".join(TABLE_KEYS) + " |", "|---|" + "---|" * len(TABLE_KEYS)]
+    for row, key in (("before", "ap_before"), ("after", "ap_after"), ("delta", "ap_delta")):
+        md.append(f"| {row} | " + " | ".join(_cell(row, s[key][k]) for k in TABLE_KEYS) + " |")
+    return md + [""] + [f"- {line}" for line in _lines(s)]
 
 
 def _print(run: Any, cols: list[str], table: list[list[Any]], summary: dict) -> None:
