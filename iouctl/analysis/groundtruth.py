@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from iouctl.data.coco import DatasetError, ValidationReport, validate_coco_dict
 from iouctl.errors import IouctlError
 
 _CACHE: OrderedDict[tuple, GroundTruth] = OrderedDict()
@@ -36,10 +37,14 @@ class GroundTruth:
         boxes (Tensor[G, 4], float64): xyxy of the non-crowd boxes, in ``keys`` order.
     """
 
-    def __init__(self, dataset: dict, path: str | os.PathLike | None = None):
+    def __init__(self, dataset: dict, path: str | os.PathLike | None = None, validated: bool = False):
         self.path = Path(path) if path is not None else None
+        if not validated:  # the dataset validator of iouctl.data, strict: a bad entry cannot be scored
+            try:
+                dataset = validate_coco_dict(dataset, self.name).coco_dict()
+            except DatasetError as e:
+                raise GroundTruthError(str(e)) from None
         self.dataset = dataset
-        self._validate()
         self.image_ids = torch.tensor(sorted(img["id"] for img in dataset["images"]), dtype=torch.int64)
         self.category_ids = torch.tensor(sorted(c["id"] for c in dataset["categories"]), dtype=torch.int64)
         anns = [a for a in dataset["annotations"] if not a["iscrowd"]]
@@ -52,60 +57,17 @@ class GroundTruth:
         self.boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)[order]
         self._coco: dict[str, Any] = {}
 
+    @classmethod
+    def from_report(cls, report: ValidationReport) -> GroundTruth:
+        """The ground truth of a validated (and, with skip_bad, cleaned) split: what trained is what is scored."""
+        return cls(report.coco_dict(), report.ann_file, validated=True)
+
     @property
     def name(self) -> str:
         return str(self.path) if self.path is not None else "<in-memory ground truth>"
 
     def _fail(self, msg: str) -> None:
         raise GroundTruthError(f"{self.name}: {msg}")
-
-    def _validate(self) -> None:
-        d = self.dataset
-        if not isinstance(d, dict):
-            self._fail(f"top level must be a JSON object, got {type(d).__name__}")
-        for k in ("images", "annotations", "categories"):
-            if not isinstance(d.get(k), list):
-                self._fail(f"missing list '{k}'; a COCO detection ground truth has images, annotations, categories")
-
-        def ids(items: list, what: str) -> set:
-            out = set()
-            for it in items:
-                if not isinstance(it, dict) or not _is_int(it.get("id")):
-                    self._fail(f"every entry of '{what}' needs an integer 'id', got {str(it)[:80]}")
-                if it["id"] in out:
-                    self._fail(f"duplicate {what} id {it['id']}")
-                out.add(it["id"])
-            return out
-
-        img_ids = ids(d["images"], "images")
-        cat_ids = ids(d["categories"], "categories")
-        ann_ids = ids(d["annotations"], "annotations")
-        if 0 in ann_ids:
-            # cocoeval stores the matched annotation id in its match tables, where 0 means "unmatched".
-            self._fail("annotation id 0 found; COCO evaluation reads id 0 as 'unmatched', so ids must be >= 1")
-        for a in d["annotations"]:
-            for k in ("image_id", "category_id", "bbox", "area", "iscrowd"):
-                if k not in a:
-                    self._fail(
-                        f"annotation {a['id']} lacks '{k}'; needed keys: image_id, category_id, bbox, area, iscrowd"
-                    )
-            if a["image_id"] not in img_ids:
-                self._fail(f"annotation {a['id']} refers to image {a['image_id']}, which is not in 'images'")
-            if a["category_id"] not in cat_ids:
-                self._fail(f"annotation {a['id']} refers to category {a['category_id']}, which is not in 'categories'")
-            b = a["bbox"]
-            if (
-                not isinstance(b, list)
-                or len(b) != 4
-                or not all(_is_num(v) for v in b)
-                or not all(np.isfinite(b))
-                or b[2] < 0
-                or b[3] < 0
-            ):
-                self._fail(f"annotation {a['id']} bbox {b} is not [x, y, w, h] with finite w, h >= 0")
-        for img in d["images"]:
-            if not (_is_num(img.get("width")) and _is_num(img.get("height"))):
-                self._fail(f"image {img['id']} lacks numeric 'width'/'height'")
 
     # ------------------------------------------------------------------ lookups
     def key(self, image_ids: Tensor, category_ids: Tensor) -> Tensor:
@@ -137,6 +99,10 @@ class GroundTruth:
             import io
 
             data = copy.deepcopy(self.dataset)
+            # cocoeval stores matched annotation ids in its tables, where 0 means "unmatched": renumber from 1
+            # (the ids are never reported, so third-party files with ids from 0 evaluate correctly)
+            for k, a in enumerate(data["annotations"]):
+                a["id"] = k + 1
             if backend == "pycocotools":
                 from pycocotools.coco import COCO
 

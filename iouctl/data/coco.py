@@ -1,15 +1,20 @@
-"""COCO-format datasets: validation with precise error reports, a torch Dataset, and the ``CocoData`` config target.
+"""COCO-format datasets: the one validation (``data check``, training and every evaluation read the same cleaned
+entries), a torch Dataset, and the ``CocoData`` config target.
 
 Validation rules (``validate_coco``). Fatal, never skippable (one line naming the file): missing file, broken JSON
 (file:line:col), top level not an object, ``images`` / ``annotations`` / ``categories`` missing or not lists,
-malformed or duplicate categories. Skippable with ``skip_bad=True`` (counted per kind in the report):
+malformed, duplicate or no categories. Skippable with ``skip_bad=True`` (counted per kind in the report):
 
-- images: missing ``id`` / ``file_name``, bad ``width`` / ``height``, duplicate id, file missing from ``image_dir``
-  (their annotations are dropped too and counted as ``on_skipped_image``);
+- images: missing ``id`` / ``file_name``, bad ``width`` / ``height``, duplicate id, file missing from ``image_dir``;
+  with images opened (``check_images``): unreadable (corrupt,
+  truncated) files and files whose size differs from ``width`` / ``height`` (their annotations are dropped too and
+  counted as ``on_skipped_image``);
 - annotations: missing required keys, malformed ``bbox``, non-finite box, zero or negative width/height, box
   entirely outside its image, unknown category id, unknown image id, duplicate annotation id, bad ``iscrowd``.
 
-Boxes that stick out of the image only partly are kept unchanged (COCO itself has some); nothing is clipped.
+Accepted as third-party files write them (counted in ``notes``, never an error): annotation ids from 0, no ``area``
+(computed as w * h), no ``iscrowd`` (0), images without ``width`` / ``height`` (read from the image header when the
+image folder is known). Boxes that stick out of the image only partly are kept unchanged (COCO itself has some).
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ IMAGE_KINDS = {
     "image_bad_size": ("image entries with a bad 'width'/'height'", "image ids"),
     "image_duplicate_id": ("image entries with a duplicated id", "image ids"),
     "missing_file": ("images whose file is missing", "image id: file"),
+    "unreadable_image": ("images that cannot be decoded (corrupt or truncated)", "image id: file"),
+    "size_mismatch": ("images whose size differs from their width/height", "image id: file"),
 }
 ANNOTATION_KINDS = {
     "missing_keys": ("annotations missing required keys (id, image_id, category_id, bbox)", "ann ids"),
@@ -113,6 +120,19 @@ class ValidationReport:
             s += f"; dropped {self.on_skipped_image} annotations of skipped images"
         return s
 
+    def fingerprint(self) -> str:
+        """A short hash of the kept images (id, file_name) and categories (id, name): detections record it, and
+        scoring them against another dataset whose image ids happen to overlap is refused instead of giving zeros."""
+        import hashlib
+
+        key = json.dumps([sorted((im["id"], im["file_name"]) for im in self.images),
+                          sorted((c["id"], c["name"]) for c in self.categories)])
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def coco_dict(self) -> dict:
+        """The kept (valid, defaults filled) entries as a COCO dict: what trains is what is scored."""
+        return {"images": list(self.images), "annotations": list(self.annotations), "categories": list(self.categories)}
+
     def to_dict(self) -> dict:
         return {"ann_file": str(self.ann_file), "image_dir": None if self.image_dir is None else str(self.image_dir),
                 "skip_bad": self.skip_bad, "num_images": self.num_images, "num_annotations": self.num_annotations,
@@ -144,8 +164,11 @@ def load_json(path: str | os.PathLike, what: str = "annotation file"):
 
 
 def validate_coco_dict(data, ann_file: str | os.PathLike, image_dir: str | os.PathLike | None = None,
-                       skip_bad: bool = False) -> ValidationReport:
-    """``validate_coco`` on already-loaded JSON (``ann_file`` only names it in messages)."""
+                       skip_bad: bool = False, open_images: bool = False, workers: int = 2,
+                       progress: Callable[[int, int], object] | None = None) -> ValidationReport:
+    """``validate_coco`` on already-loaded JSON (``ann_file`` only names it in messages). Entries are not modified:
+    a kept annotation that needed a default (``area``, ``iscrowd``) or an image whose size was read from its file is
+    a new dict in the report."""
     ann_file = Path(ann_file)
     rep = ValidationReport(ann_file=ann_file, image_dir=None if image_dir is None else Path(image_dir),
                            skip_bad=skip_bad)
@@ -171,6 +194,8 @@ def validate_coco_dict(data, ann_file: str | os.PathLike, image_dir: str | os.Pa
             fatal(f"duplicate category id {c['id']} (category #{i})")
         cat_ids.add(c["id"])
         cats.append(c)
+    if not cats:
+        fatal("'categories' is empty; a detection dataset needs at least one category {\"id\": 1, \"name\": ...}")
     rep.categories = cats
 
     # images
@@ -212,49 +237,73 @@ def validate_coco_dict(data, ann_file: str | os.PathLike, image_dir: str | os.Pa
                 continue
         images[iid] = im
 
-    # annotations
+    if image_dir is not None:
+        _check_image_files(rep, images, skipped_image_ids, image_dir, open_images, workers, progress)
+    elif any(im.get("width") is None for im in images.values()):
+        rep.notes["images without width/height"] = sum(im.get("width") is None for im in images.values())
+
+    # annotations: one pass, cheapest checks first (COCO train has 860k of them)
     kept = []
     ann_ids: set = set()
+    n_area = n_crowd = 0
     for i, a in enumerate(data["annotations"]):
-        aid = a.get("id") if isinstance(a, dict) else None
-        ident = str(aid) if _is_int(aid) else f"#{i}"
-        if not isinstance(a, dict) or any(k not in a for k in ("id", "image_id", "category_id", "bbox")) \
-                or not _is_int(aid):
-            rep.add("missing_keys", ident)
+        if type(a) is not dict:
+            rep.add("missing_keys", f"#{i}")
+            continue
+        aid = a.get("id")
+        if not _is_int(aid):
+            rep.add("missing_keys", f"#{i}")
+            continue
+        if "image_id" not in a or "category_id" not in a or "bbox" not in a:
+            rep.add("missing_keys", str(aid))
             continue
         if aid in ann_ids:
-            rep.add("duplicate_id", ident)
+            rep.add("duplicate_id", str(aid))
             continue
         ann_ids.add(aid)
         box = a["bbox"]
-        if not isinstance(box, list) or len(box) != 4 or not all(_is_num(v) for v in box):
-            rep.add("bad_bbox", ident)
-            continue
-        if not all(math.isfinite(v) for v in box):
-            rep.add("nonfinite_box", ident)
+        if type(box) is not list or len(box) != 4 or not all(_is_num(v) for v in box):
+            rep.add("bad_bbox", str(aid))
             continue
         x, y, w, h = box
+        if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(w) and math.isfinite(h)):
+            rep.add("nonfinite_box", str(aid))
+            continue
         if w <= 0 or h <= 0:
-            rep.add("nonpositive_size", ident)
+            rep.add("nonpositive_size", str(aid))
             continue
         if not _is_int(a["category_id"]) or a["category_id"] not in cat_ids:
-            rep.add("unknown_category", ident)
+            rep.add("unknown_category", str(aid))
             continue
-        if a.get("iscrowd", 0) not in (0, 1) or isinstance(a.get("iscrowd", 0), bool):
-            rep.add("bad_iscrowd", ident)
+        crowd = a.get("iscrowd")
+        if crowd is not None and (crowd not in (0, 1) or type(crowd) is bool):
+            rep.add("bad_iscrowd", str(aid))
             continue
         iid = a["image_id"]
-        if not _is_int(iid) or iid not in images:
+        im = images.get(iid) if _is_int(iid) else None
+        if im is None:
             if _is_int(iid) and iid in skipped_image_ids:
                 rep.on_skipped_image += 1
             else:
-                rep.add("unknown_image", ident)
+                rep.add("unknown_image", str(aid))
             continue
-        im = images[iid]
         if im.get("width") is not None and (x >= im["width"] or y >= im["height"] or x + w <= 0 or y + h <= 0):
-            rep.add("outside_image", ident)
+            rep.add("outside_image", str(aid))
             continue
+        area = a.get("area")
+        if crowd is None or not (_is_num(area) and math.isfinite(area)):
+            a = dict(a)
+            if crowd is None:
+                a["iscrowd"] = 0
+                n_crowd += 1
+            if not (_is_num(area) and math.isfinite(area)):
+                a["area"] = float(w * h)
+                n_area += 1
         kept.append(a)
+    if n_area:
+        rep.notes["area computed as w*h"] = n_area
+    if n_crowd:
+        rep.notes["iscrowd set to 0"] = n_crowd
 
     rep.images = list(images.values())
     rep.annotations = kept
@@ -262,8 +311,55 @@ def validate_coco_dict(data, ann_file: str | os.PathLike, image_dir: str | os.Pa
     rep.num_annotations = len(kept)
     if not rep.ok and not skip_bad:
         raise DatasetError(f"{ann_file}: {rep.num_bad} bad entries: {rep.problems()}; "
-                           "pass skip_bad=true to skip them")
+                           "pass data.skip_bad=true to skip them")
     return rep
+
+
+def _image_size(path: Path, decode: bool) -> tuple[int, int] | str:
+    """(width, height) of an image file, or why it cannot be read. decode: decode every pixel (finds truncated
+    and corrupt files); otherwise only the header is read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if decode:
+                im.load()
+            return im.size
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+
+
+def _check_image_files(rep: ValidationReport, images: dict[int, dict], skipped: set[int], image_dir: Path,
+                       open_images: bool, workers: int, progress: Callable[[int, int], object] | None) -> None:
+    """Open images (all of them when ``open_images``, else only those without width/height, header only): fill in
+    missing sizes, report unreadable files and sizes that differ from the JSON. Threads: PIL decodes without the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = [iid for iid, im in images.items() if open_images or im.get("width") is None]
+    if not todo:
+        return
+    paths = [image_dir / images[iid]["file_name"] for iid in todo]
+    total, filled = len(todo), 0
+    with ThreadPoolExecutor(max(1, int(workers))) as pool:
+        for k, (iid, size) in enumerate(zip(todo, pool.map(_image_size, paths, [open_images] * total,
+                                                            chunksize=64))):
+            im = images[iid]
+            if isinstance(size, str):
+                rep.add("unreadable_image", f"{iid}: {im['file_name']} ({size})")
+                skipped.add(iid)
+                del images[iid]
+            elif im.get("width") is None:
+                images[iid] = {**im, "width": size[0], "height": size[1]}
+                filled += 1
+            elif (im["width"], im["height"]) != size:
+                rep.add("size_mismatch", f"{iid}: {im['file_name']} is {size[0]}x{size[1]}, "
+                                         f"JSON says {im['width']}x{im['height']}")
+                skipped.add(iid)
+                del images[iid]
+            if progress is not None and (k % 256 == 255 or k == total - 1):
+                progress(k + 1, total)
+    if filled:
+        rep.notes["image sizes read from the files"] = filled
 
 
 def _list_files(image_dir: Path) -> set[str]:
@@ -275,12 +371,14 @@ def _list_files(image_dir: Path) -> set[str]:
 
 
 def validate_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike | None = None,
-                  skip_bad: bool = False) -> ValidationReport:
-    """Check a COCO detection JSON (and, given ``image_dir``, that every image file exists).
+                  skip_bad: bool = False, open_images: bool = False, workers: int = 2,
+                  progress: Callable[[int, int], object] | None = None) -> ValidationReport:
+    """Check a COCO detection JSON (and, given ``image_dir``, that every image file exists; with ``open_images``,
+    that each decodes and has the size the JSON says, on ``workers`` threads, reporting ``progress(done, total)``).
 
     Raises DatasetError (one line: file, what, first offending ids, totals, the skip_bad hint) on bad entries unless
     ``skip_bad``; then the bad entries are left out of the report's ``images`` / ``annotations`` and counted."""
-    return validate_coco_dict(load_json(ann_file), ann_file, image_dir, skip_bad)
+    return validate_coco_dict(load_json(ann_file), ann_file, image_dir, skip_bad, open_images, workers, progress)
 
 
 def read_image(path: str | os.PathLike) -> torch.Tensor:
@@ -348,8 +446,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
 
     def coco_dict(self) -> dict:
         """The kept images / annotations / categories as a COCO dict (for pycocotools ``COCO`` / evaluation)."""
-        return {"images": list(self.images), "annotations": list(self.report.annotations),
-                "categories": list(self.categories)}
+        return self.report.coco_dict()
 
     def __repr__(self) -> str:
         return f"CocoDetectionDataset({self.report.summary()})"
@@ -388,22 +485,39 @@ def collate_detection(batch: Iterable) -> tuple[list[torch.Tensor], list[dict]]:
     return list(images), list(targets)
 
 
+CHECK_IMAGES = ("none", "val", "all")
+AUTO = "auto"
+# `auto` paths, first that exists: COCO's own layout, then what `iouctl data import` writes
+_AUTO_ANN = ("annotations/instances_{split}2017.json", "annotations/{split}.json")
+_AUTO_IMAGES = ("{split}2017", "images/{split}", "images")
+
+
 class CocoData:
     """Any COCO-format dataset on disk (config target; same interface as ``ShapesData``).
 
     Args:
         root: dataset folder; relative ``train_ann`` / ``val_ann`` / ``*_images`` paths resolve under it.
-        train_ann, val_ann: annotation JSON files.
-        train_images, val_images: image folders.
-        skip_bad: skip malformed annotations / missing images (counted in the reports) instead of failing.
+        train_ann, val_ann: annotation JSON files; ``auto``: ``annotations/instances_<split>2017.json`` (COCO) or
+            ``annotations/<split>.json`` (``iouctl data import``), the first that exists.
+        train_images, val_images: image folders; ``auto``: ``<split>2017``, ``images/<split>`` or ``images``.
+        skip_bad: skip malformed annotations / missing or broken images (counted in the reports) instead of failing.
+        check_images: which splits have every image opened at ``prepare()`` (decodable, size as in the JSON):
+            ``none``, ``val`` (an evaluation then never fails after training) or ``all``.
+        workers: threads that open images.
     """
 
-    def __init__(self, root: str, train_ann: str, val_ann: str, train_images: str = "train2017",
-                 val_images: str = "val2017", skip_bad: bool = False):
+    def __init__(self, root: str, train_ann: str = AUTO, val_ann: str = AUTO, train_images: str = AUTO,
+                 val_images: str = AUTO, skip_bad: bool = False, check_images: str = "val", workers: int = 2):
+        if check_images not in CHECK_IMAGES:
+            raise DatasetError(f"data.check_images={check_images!r} is not valid; valid: {', '.join(CHECK_IMAGES)}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise DatasetError(f"data.workers={workers!r} is not valid; give an integer >= 1")
         self.root = Path(root).expanduser()
         self.skip_bad = bool(skip_bad)
-        self._ann = {"train": self.root / train_ann, "val": self.root / val_ann}
-        self._img = {"train": self.root / train_images, "val": self.root / val_images}
+        self.check_images = check_images
+        self.workers = workers
+        self._given = {("ann", "train"): train_ann, ("ann", "val"): val_ann,
+                       ("img", "train"): train_images, ("img", "val"): val_images}
         self._reports: dict[str, ValidationReport] = {}
         self._categories: list[dict] | None = None
 
@@ -415,33 +529,42 @@ class CocoData:
         if not self.root.is_dir():
             raise DatasetError(f"COCO dataset root not found: {self.root}")
 
-    def ann_file(self, split: str) -> Path:
+    def _path(self, kind: str, split: str) -> Path:
         self._check_split(split)
-        return self._ann[split]
+        given = self._given[(kind, split)]
+        if given != AUTO:
+            return self.root / given
+        candidates = [self.root / c.format(split=split) for c in (_AUTO_ANN if kind == "ann" else _AUTO_IMAGES)]
+        for c in candidates:
+            if (c.is_file() if kind == "ann" else c.is_dir()):
+                return c
+        key = f"data.{split}_{'ann' if kind == 'ann' else 'images'}"
+        self._check_root()
+        raise DatasetError(f"{key}=auto: none of {', '.join(str(c.relative_to(self.root)) for c in candidates)} "
+                           f"exists under {self.root}; give {key}=<path relative to data.root>")
+
+    def ann_file(self, split: str) -> Path:
+        return self._path("ann", split)
 
     def image_dir(self, split: str) -> Path:
-        self._check_split(split)
-        return self._img[split]
+        return self._path("img", split)
 
-    def report(self, split: str) -> ValidationReport:
-        """Validation report of a split (validated once, then cached)."""
+    def report(self, split: str, progress: Callable[[int, int], object] | None = None) -> ValidationReport:
+        """Validation report of a split (validated once, then cached); images are opened as ``check_images`` says."""
         self._check_split(split)
         if split not in self._reports:
             self._check_root()
-            self._reports[split] = validate_coco(self._ann[split], self._img[split], self.skip_bad)
+            open_images = self.check_images == "all" or self.check_images == split
+            self._reports[split] = validate_coco(self.ann_file(split), self.image_dir(split), self.skip_bad,
+                                                 open_images, self.workers, progress)
         return self._reports[split]
 
     def prepare(self, progress: Callable[[int, int], object] | None = None) -> None:
         """Validate both splits (raises DatasetError unless skip_bad) and check they share categories."""
         self._check_root()
-        for i, split in enumerate(SPLITS):
-            self.report(split)
-            if progress is not None:
-                progress(i + 1, len(SPLITS))
-        a, b = (sorted((c["id"], c["name"]) for c in self._reports[s].categories) for s in SPLITS)
-        if a != b:
-            raise DatasetError(f"{self._ann['train']} and {self._ann['val']} have different categories; "
-                               "train and val must share category ids and names")
+        for split in SPLITS:
+            self.report(split, progress)
+        check_same_categories(self._reports["train"], self._reports["val"])
 
     @property
     def categories(self) -> list[dict]:
@@ -451,10 +574,10 @@ class CocoData:
                 self._categories = self._reports["val"].categories
             else:
                 self._check_root()
-                data = load_json(self._ann["val"])
+                data = load_json(self.ann_file("val"))
                 cats = data.get("categories") if isinstance(data, dict) else None
                 if not isinstance(cats, list):
-                    raise DatasetError(f"{self._ann['val']}: missing top-level list 'categories'")
+                    raise DatasetError(f"{self.ann_file('val')}: missing top-level list 'categories'")
                 self._categories = cats
         return self._categories
 
@@ -465,7 +588,17 @@ class CocoData:
 
     def dataset(self, split: str) -> CocoDetectionDataset:
         rep = self.report(split)
-        return CocoDetectionDataset(self._img[split], self._ann[split], self.skip_bad, report=rep)
+        return CocoDetectionDataset(self.image_dir(split), self.ann_file(split), self.skip_bad, report=rep)
 
     def __repr__(self) -> str:
-        return f"CocoData(root={str(self.root)!r}, ann={ {k: str(v) for k, v in self._ann.items()} })"
+        return f"CocoData(root={str(self.root)!r}, given={ {f'{k}_{s}': v for (k, s), v in self._given.items()} })"
+
+
+def check_same_categories(train: ValidationReport, val: ValidationReport) -> None:
+    """Train and val must share category ids and names (the model's classes are the training split's)."""
+    a, b = ({c["id"]: c["name"] for c in r.categories} for r in (train, val))
+    if a != b:
+        diff = sorted(set(a.items()) ^ set(b.items()))[:3]
+        raise DatasetError(f"{train.ann_file} and {val.ann_file} have different categories (e.g. "
+                           f"{', '.join(f'{i}: {n!r}' for i, n in diff)}); train and val must share category ids "
+                           "and names")

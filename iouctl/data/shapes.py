@@ -272,6 +272,7 @@ class ShapesData:
         self.root = self.cache_dir / f"shapes-v{GENERATOR_VERSION}-{digest}"
         self.categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(classes)]
         self.num_classes = len(classes)
+        self._reports: dict = {}
 
     @staticmethod
     def _check(p: dict) -> None:
@@ -381,13 +382,21 @@ class ShapesData:
             atomic_write_json(out / "annotations" / f"instances_{split}.json", coco, indent=None)
 
     # -- reading
+    def report(self, split: str, progress: Callable[[int, int], object] | None = None):
+        """The split's ``ValidationReport`` (generating the data first if needed; validated once, then cached)."""
+        from iouctl.data.coco import validate_coco
+
+        self._check_split(split)
+        if split not in self._reports:
+            self.prepare()
+            self._reports[split] = validate_coco(self.ann_file(split), self.image_dir(split))
+        return self._reports[split]
+
     def dataset(self, split: str):
         """The split as a ``CocoDetectionDataset`` (generating the data first if needed)."""
         from iouctl.data.coco import CocoDetectionDataset
 
-        self._check_split(split)
-        self.prepare()
-        return CocoDetectionDataset(self.image_dir(split), self.ann_file(split))
+        return CocoDetectionDataset(self.image_dir(split), self.ann_file(split), report=self.report(split))
 
     def __repr__(self) -> str:
         return f"ShapesData(root={str(self.root)!r}, params={self.params})"

@@ -14,7 +14,7 @@ from iouctl.analysis import (
     plot_score_vs_iou, synthesize_detections, true_iou,
 )
 from iouctl.data.detections import Detections
-from iouctl.engine.prepare import prepare_dataset
+from iouctl.engine.prepare import check_detections_data, dataset_record, ground_truth, prepare_dataset
 from iouctl.errors import ConfigError, IouctlError
 from iouctl.postprocess.suppression import SCORES, GreedyNMS, IoUGuidedNMS, SoftNMS, all_scores
 
@@ -48,14 +48,15 @@ def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, detections: Path | 
     the ground truth of `data`). `cfg` holds the plain settings of conf/nms_ablate.yaml."""
     with run.progress(transient=True) as progress:
         prepare_dataset(data, progress)
-    gt = data.ann_file(cfg.split)
+    gt = ground_truth(data, cfg.split)
     if detections is None:
         dets = synthesize_detections(gt, seed=int(cfg.seed))
-        dets.meta.update(model="synthetic", split=cfg.split, gt=str(gt))
+        dets.meta.update(model="synthetic", split=cfg.split, gt=gt.name, data=dataset_record(data, cfg.split))
         dets.save(run.path("detections", f"{cfg.split}.npz"))  # so later runs can use run=<this run>
-        source = f"synthesized from {gt} (seed {cfg.seed})"
+        source = f"synthesized from {gt.name} (seed {cfg.seed})"
     else:
         dets = Detections.load(detections)
+        check_detections_data(dets.meta, data, cfg.split, detections)
         source = str(detections)
     run.console.print(escape(f"detections: {len(dets)} raw boxes, {len(dets.image_index())} images, "
                              f"predicted IoU: {'yes' if dets.has_ious else 'no'} ({source})"))

@@ -11,6 +11,7 @@ from torchvision.models.detection.transform import resize_boxes
 
 from iouctl.analysis import AP_KEYS, TABLE_KEYS, ap_deltas, evaluate, fmt_ap, fmt_delta, plot_iou_before_after, true_iou
 from iouctl.data.detections import Detections, rank_per_image
+from iouctl.engine.prepare import check_detections_data, ground_truth
 from iouctl.errors import IouctlError
 from iouctl.postprocess.refine import IoURefiner
 
@@ -166,9 +167,10 @@ def refine(cfg: Any, run: Any, data: Any, model: Any, refiner: IoURefiner | None
            device: torch.device, detections: Path | None, predict_fn: Any) -> dict:
     """The whole command: detections (cached, or inference through `predict_fn()`), NMS, refinement, evaluation."""
     split = str(cfg.split)
-    gt = data.ann_file(split)
+    gt = ground_truth(data, split)
     if detections is not None:
         dets = Detections.load(detections)
+        check_detections_data(dets.meta, data, split, detections)
         run.console.print(escape(f"detections: {len(dets)} raw boxes from {detections}"))
     else:
         run.console.print("no cached detections for this run: running inference first")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from iouctl.analysis import ap_deltas, evaluate, load_gt
+from iouctl.analysis import AP_KEYS, ap_deltas, evaluate, load_gt
 from iouctl.analysis import coco_eval as ce
 from iouctl.analysis import groundtruth as gtmod
 from iouctl.analysis.groundtruth import GroundTruthError
@@ -37,7 +37,7 @@ def dets(rows, with_ious=False):
 
 
 def img(i, size=400):
-    return {"id": i, "width": size, "height": size}
+    return {"id": i, "width": size, "height": size, "file_name": f"{i}.png"}
 
 
 def ann(i, image_id, xywh, cat=1, crowd=0):
@@ -205,8 +205,8 @@ def test_backends_print_nothing(small_gt, backend, capfd):
 def test_ground_truth_is_parsed_once_per_file(small_gt, monkeypatch):
     gtmod.clear_gt_cache()
     calls = []
-    real = gtmod.GroundTruth._validate
-    monkeypatch.setattr(gtmod.GroundTruth, "_validate", lambda self: (calls.append(1), real(self))[1])
+    real = gtmod.validate_coco_dict
+    monkeypatch.setattr(gtmod, "validate_coco_dict", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     d = jitter_dets(small_gt, seed=2)
     for backend in BACKENDS * 3:
         evaluate(small_gt, d, backend=backend)
@@ -214,9 +214,9 @@ def test_ground_truth_is_parsed_once_per_file(small_gt, monkeypatch):
     assert load_gt(small_gt) is load_gt(str(small_gt))
     # A rewritten file (different size) is parsed again.
     data = json.loads(small_gt.read_text())
-    data["info"] = {"note": "changed"}
+    data["images"].append({"id": 999, "file_name": "999.png", "width": 8, "height": 8})
     small_gt.write_text(json.dumps(data))
-    assert load_gt(small_gt).dataset.get("info") == {"note": "changed"}
+    assert 999 in load_gt(small_gt).image_ids.tolist()
     assert len(calls) == 2
 
 
@@ -264,14 +264,13 @@ def test_bad_inputs_raise_value_errors(small_gt, tmp_path):
 @pytest.mark.parametrize(
     "mutate, fragment",
     [
-        (lambda d: d["annotations"][0].update(id=0), "annotation id 0 found"),
-        (lambda d: d["annotations"][0].pop("iscrowd"), "lacks 'iscrowd'"),
-        (lambda d: d["annotations"][0].update(image_id=12345), "refers to image 12345"),
-        (lambda d: d["annotations"][0].update(category_id=77), "refers to category 77"),
-        (lambda d: d["annotations"][0].update(bbox=[0, 0, -1, 3]), "is not [x, y, w, h]"),
-        (lambda d: d["annotations"].append(dict(d["annotations"][0])), "duplicate annotations id"),
-        (lambda d: d.pop("categories"), "missing list 'categories'"),
-        (lambda d: d["images"][0].pop("width"), "lacks numeric 'width'/'height'"),
+        (lambda d: d["annotations"][0].update(image_id=12345), "1 annotations pointing at an unknown image id"),
+        (lambda d: d["annotations"][0].update(category_id=77), "1 annotations with an unknown category id"),
+        (lambda d: d["annotations"][0].update(bbox=[0, 0, -1, 3]), "1 boxes with zero or negative width/height"),
+        (lambda d: d["annotations"][0].update(bbox=[0, 0, "1", 3]), "1 annotations whose bbox is not 4 numbers"),
+        (lambda d: d["annotations"].append(dict(d["annotations"][0])), "1 duplicate annotation ids"),
+        (lambda d: d.pop("categories"), "missing top-level key 'categories'"),
+        (lambda d: d["categories"].clear(), "'categories' is empty"),
     ],
 )
 def test_bad_ground_truth_is_named(small_gt, mutate, fragment):
@@ -281,7 +280,27 @@ def test_bad_ground_truth_is_named(small_gt, mutate, fragment):
     with pytest.raises(GroundTruthError) as e:
         load_gt(small_gt)
     assert str(e.value).startswith(str(small_gt)) and fragment in str(e.value)
+    assert "\n" not in str(e.value)
     assert isinstance(e.value, IouctlError) and isinstance(e.value, ValueError)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_third_party_ground_truth_scores_like_the_complete_file(small_gt, backend, tmp_path):
+    """Annotation ids from 0, no area, no iscrowd, no image width/height: accepted, and scored exactly like the
+    complete file (area = w * h, iscrowd 0)."""
+    data = json.loads(small_gt.read_text())
+    for k, a in enumerate(data["annotations"]):
+        a["id"], a["iscrowd"], a["area"] = k, 0, a["bbox"][2] * a["bbox"][3]
+    full = write_gt(tmp_path / "full.json", data["images"], data["annotations"], [c["id"] for c in data["categories"]])
+    for a in data["annotations"]:
+        a.pop("area"), a.pop("iscrowd", None)
+    for im in data["images"]:
+        im.pop("width"), im.pop("height")
+    bare = write_gt(tmp_path / "bare.json", data["images"], data["annotations"], [c["id"] for c in data["categories"]])
+    res = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": [v + 0.5 for v in a["bbox"]],
+            "score": 1.0 / (k + 1)} for k, a in enumerate(data["annotations"])]
+    a, b = evaluate(full, res, backend=backend), evaluate(bare, res, backend=backend)
+    assert a["AP"] > 0 and all(a[k] == b[k] for k in AP_KEYS)
 
 
 def test_invalid_json_ground_truth(tmp_path):

@@ -78,17 +78,17 @@ def test_ranking_by_predicted_iou_helps_strict_thresholds(gt, syn):
 def test_edge_cases_and_errors(tmp_path, gt):
     one_cat = write_gt(
         tmp_path / "one.json",
-        [{"id": 1, "width": 100, "height": 80}],
+        [{"id": 1, "width": 100, "height": 80, "file_name": "1.png"}],
         [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [10, 10, 30, 20], "area": 600, "iscrowd": 0}],
         [4],
     )
     d, kind = synthesize_detections(one_cat, seed=0, per_gt=5, background_per_image=0, return_kind=True)
     assert len(d) == 5 and (kind == KIND_JITTERED).all() and (d.labels == 4).all()  # no other class to confuse with
     assert (d.boxes[:, 2] <= 100).all() and (d.boxes[:, 3] <= 80).all() and (d.boxes >= 0).all()  # clipped to the image
-    no_ann = write_gt(tmp_path / "none.json", [{"id": 1, "width": 100, "height": 80}], [], [4])
+    no_ann = write_gt(tmp_path / "none.json", [{"id": 1, "width": 100, "height": 80, "file_name": "1.png"}], [], [4])
     d = synthesize_detections(no_ann, seed=0, background_per_image=3)
     assert isinstance(d, Detections) and (true_iou(no_ann, d) == 0).all()
-    empty = write_gt(tmp_path / "empty.json", [], [], [])
+    empty = write_gt(tmp_path / "empty.json", [], [], [4])
     assert len(synthesize_detections(empty)) == 0
     with pytest.raises(ValueError, match="iou_range must satisfy 0.14 <= lo < hi < 1"):
         synthesize_detections(gt, iou_range=(0.9, 0.5))

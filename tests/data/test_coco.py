@@ -109,7 +109,7 @@ def test_bad_annotation_names_file_and_id(coco_dir, mutate, kind, ann_id):
     assert "\n" not in msg
     assert msg.startswith(f"{ann}: 1 bad entries: ")
     assert f"ann ids {ann_id})" in msg
-    assert "pass skip_bad=true to skip them" in msg
+    assert "pass data.skip_bad=true to skip them" in msg
 
     rep = validate_coco(ann, tmp / "img", skip_bad=True)
     assert rep.counts == {kind: 1}
@@ -287,7 +287,7 @@ def test_coco_data_interface(tmp_path):
     assert d.ann_file("val") == root / "annotations" / "val.json" and d.image_dir("train") == root / "train2017"
     seen = []
     d.prepare(progress=lambda a, b: seen.append((a, b)))
-    assert seen == [(1, 2), (2, 2)]
+    assert seen == [(3, 3)]  # check_images=val (the default) opens the val images, with progress
     assert d.num_classes == 2 and [c["name"] for c in d.categories] == ["cat", "dog"]
     assert len(d.dataset("train")) == 3
     with pytest.raises(DatasetError, match="unknown split 'test'; valid splits: train, val"):
