@@ -114,7 +114,7 @@ def test_broken_xml_and_bad_boxes_are_reported(tmp_path):
     assert "(file object # Annotations/000012.xml object #1)" in msg
     assert "Annotations/000012.xml object #2 ('unicorn')" in msg
     assert "Annotations/000012.xml object #3" in msg
-    assert "pass skip_bad=true to skip them" in msg
+    assert "pass --skip-bad to skip them (other class names: --classes FILE, or `iouctl data import voc`)" in msg
     assert not (root / "annotations").exists()  # nothing written on error
 
 
@@ -139,7 +139,7 @@ def test_never_overwrites_unless_asked(tmp_path):
     convert_voc(root, out=out)
     before = out.read_bytes()
     out.write_text("user data")
-    with pytest.raises(DatasetError, match=r"output exists: .*voc.json; pass overwrite=true"):
+    with pytest.raises(DatasetError, match=r"output exists: .*voc.json; pass --overwrite"):
         convert_voc(root, out=out)
     assert out.read_text() == "user data"
     convert_voc(root, out=out, overwrite=True)
@@ -161,3 +161,26 @@ def test_bad_size_is_reported(tmp_path):
     root = make_voc(tmp_path, {"000001": ann_xml("000001", [obj_xml("cat", (1, 1, 5, 5))], w=0)})
     with pytest.raises(DatasetError, match=r"without a valid <size>.*Annotations/000001.xml"):
         convert_voc(root)
+
+
+def test_custom_classes(tmp_path):
+    objects = [obj_xml("Tree", (1, 1, 5, 5)), obj_xml("car", (2, 2, 4, 4))]
+    root = make_voc(tmp_path, {"000001": ann_xml("000001", objects)})
+    out, rep = convert_voc(root, classes=["Tree", "car"])
+    data = json.loads(out.read_text())
+    assert [(c["id"], c["name"]) for c in data["categories"]] == [(1, "Tree"), (2, "car")]
+    assert [(a["category_id"], a["bbox"]) for a in data["annotations"]] == [(1, [0, 0, 5, 5]), (2, [1, 1, 3, 3])]
+
+
+def test_import_voc_on_a_pascal_folder(tmp_path):
+    """`iouctl data import voc` on a Pascal-layout folder: the classes found, with the same box convention."""
+    from iouctl.data.importers import import_dataset
+
+    root = make_voc(tmp_path / "VOC2007", GOOD, split="train")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("2008_000002\n")
+    (root / "ImageSets" / "Main" / "train.txt").write_text("000005\n000007\n")
+    res = import_dataset("voc", root, tmp_path / "out")
+    assert [c["name"] for c in res.coco["train"]["categories"]] == ["car", "chair", "dog", "tvmonitor"]
+    assert [im["file_name"] for im in res.coco["train"]["images"]] == ["JPEGImages/000005.jpg", "JPEGImages/000007.jpg"]
+    assert [a["bbox"] for a in res.coco["train"]["annotations"]] == [[9, 19, 21, 6], [0, 0, W, H], [4, 5, 1, 1]]
+    assert [a["bbox"] for a in res.coco["val"]["annotations"]] == [[2.5, 3, 10.0, 6]]
