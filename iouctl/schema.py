@@ -48,6 +48,8 @@ class CocoData:
     train_images: str = MISSING
     val_images: str = MISSING
     skip_bad: bool = MISSING
+    check_images: str = "val"  # none | val | all
+    workers: int = 2
 
 
 @dataclass
@@ -55,9 +57,12 @@ class _Detector:
     _target_: str = MISSING
     backbone: str = MISSING  # small | resnet18 | resnet50
     pretrained: Optional[str] = None  # a local ImageNet weights file; never downloaded
-    min_size: int = MISSING
-    max_size: int = MISSING
-    anchor_sizes: List[int] = MISSING
+    init_from: Optional[str] = None  # a local torchvision detector state_dict (iouctl.models.init_from)
+    # int / List[int], or auto: derived from the training split (iouctl.engine.sizes, which also checks the values;
+    # OmegaConf has no Union of a list and a string)
+    min_size: Any = MISSING
+    max_size: Any = MISSING
+    anchor_sizes: Any = MISSING
     aspect_ratios: List[float] = MISSING
     detections_per_img: int = MISSING
     iou_head: bool = MISSING
@@ -159,6 +164,27 @@ class AdamW:
 
 
 @dataclass
+class MirrorPairs:
+    _target_: str = MISSING
+
+
+@dataclass
+class RandomAugment:
+    _target_: str = MISSING
+    crop_prob: float = MISSING
+    crop_scale: List[float] = MISSING  # [min, max] fraction of the image area
+    crop_aspect: List[float] = MISSING  # [min, max] factor on the image's aspect ratio
+    min_visible: float = MISSING
+    min_box_size: float = MISSING
+    hflip: float = MISSING
+    vflip: float = MISSING
+    brightness: float = MISSING
+    contrast: float = MISSING
+    saturation: float = MISSING
+    hue: float = MISSING
+
+
+@dataclass
 class NoLogger:
     _target_: str = MISSING
 
@@ -208,7 +234,7 @@ class Train(_Command):
     eval_every: int = MISSING
     checkpoint_every: int = MISSING
     amp: bool = MISSING
-    hflip: bool = MISSING
+    augment: Any = None  # None: augment=none
     clip_grad_norm: Optional[float] = None
     resume: bool = MISSING
     run: Optional[str] = None
@@ -279,6 +305,7 @@ class BenchPool(_Command):
 @dataclass
 class Data(_Command):
     data: Any = MISSING
+    augment: Any = None  # only `data preview --augment` sets it
 
 
 @dataclass
@@ -300,6 +327,7 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
     "refiner": {"iou_net": IoURefiner},
     "optim": {"sgd": SGD, "adamw": AdamW},
     "logger": {"none": NoLogger, "wandb": WandbLogger},
+    "augment": {"flip": MirrorPairs, "standard": RandomAugment},
 }
 PRIMARY_SCHEMAS: dict[str, type] = {
     "train": Train, "eval": Eval, "nms_ablate": NmsAblate, "refine": Refine, "bench_pool": BenchPool,

@@ -42,7 +42,8 @@ def _train_run(conf, run, resume=None) -> dict:
     from iouctl.engine.train import train as run_train
 
     data, model, evaluate_fn, *_ = _detector_inputs(conf, run)
-    return run_train(conf, run, data, model, config.instantiate(conf.optim), resume, evaluate_fn)
+    return run_train(conf, run, data, model, config.instantiate(conf.optim), resume, evaluate_fn,
+                     augment=config.instantiate(conf.augment))
 
 
 @app.command("eval")
@@ -72,7 +73,7 @@ def _compose_for_lookup(command: str, overrides: Optional[List[str]]):
     from iouctl.cli.common import compose
 
     kept = [o for o in overrides or [] if "." not in _key(o) or _key(o).split(".", 1)[0] not in RESTORED]
-    return compose(command, kept)
+    return compose(command, kept, allow_missing=True)  # data=coco without its data.root: the run restores it
 
 
 def _train_run_overrides(overrides: Optional[List[str]]) -> tuple:
@@ -118,12 +119,14 @@ def _detector_inputs(conf, run) -> tuple:
     import torch
 
     from iouctl.engine.evaluate import evaluate_detections, predict
-    from iouctl.engine.prepare import prepare_dataset
+    from iouctl.engine.prepare import dataset_record, ground_truth, prepare_dataset
     from iouctl.engine.train import CategoryMap, resolve_device
 
     data = config.instantiate(conf.data)
     with run.progress(transient=True) as progress:
         prepare_dataset(data, progress)
+    from iouctl.engine.sizes import resolve_auto_sizes
+    conf = resolve_auto_sizes(conf, data, run)  # model sizes `auto` -> values from the train split, in config.yaml
     torch.manual_seed(int(conf.seed))  # the initial weights are part of the experiment
     model = config.instantiate(conf.model, num_classes=data.num_classes, pool=config.instantiate(conf.pool))
     nms = config.instantiate(conf.nms)
@@ -132,10 +135,11 @@ def _detector_inputs(conf, run) -> tuple:
 
     def predict_fn(net, split="val"):
         return predict(net.to(device), data.dataset(split), cats.ids, device, int(conf.batch_size),
-                       int(conf.num_workers), run, {"model": conf.model._target_, "split": split})
+                       int(conf.num_workers), run, {"model": conf.model._target_, "split": split,
+                                                    "data": dataset_record(data, split)})
 
     def evaluate_fn(net, step=None, split="val"):
-        return evaluate_detections(run, predict_fn(net, split), data.ann_file(split), nms, str(conf.eval_backend),
+        return evaluate_detections(run, predict_fn(net, split), ground_truth(data, split), nms, str(conf.eval_backend),
                                    split, float(getattr(nms, "cls_weight", 0.5)), step)
 
     return data, model, evaluate_fn, predict_fn, device, cats
@@ -172,28 +176,43 @@ def nms_ablate(
         extra.append(f"methods=[{nms.value}]")
     if synthetic:
         extra.append("synthetic=true")
+    found: dict = {}
+    if not cfg:
+        with user_errors():  # a missing run fails before a run directory is made
+            found["detections"], found["extra"] = _detections_run_overrides([*extra, *(overrides or [])])
 
     def body(conf, run):
+        from iouctl import config
         from iouctl.engine.nms_ablate import nms_ablate as run_ablation
 
-        return run_ablation(conf, run, *_ablation_inputs(conf))
+        return run_ablation(conf, run, config.instantiate(conf.data), config.instantiate(conf.nms),
+                            found["detections"])
 
-    run_experiment("nms-ablate", overrides, cfg, body, extra_overrides=extra)
+    run_experiment("nms-ablate", overrides, cfg, body, extra_overrides=[*extra, *found.get("extra", [])])
 
 
-def _ablation_inputs(conf) -> tuple:
-    """(data, baseline NMS arm, raw detections file or None for synthetic) of an nms_ablate config."""
+def _detections_run_overrides(overrides: List[str]) -> tuple:
+    """(raw detections file or None for synthetic ones, overrides restoring the data config of the run that made
+    them) for `iouctl nms-ablate`: the detections are scored against their own dataset unless data is overridden."""
+    import yaml
+
     from iouctl import config
+    from iouctl.cli.common import compose
     from iouctl.errors import IouctlError
     from iouctl.runs import find_run_file
 
-    detections = None
-    if not conf.synthetic:
-        try:
-            detections = find_run_file(conf.run, conf.paths.runs_dir, ["eval", "train"], f"detections/{conf.split}.npz")
-        except IouctlError as e:
-            raise IouctlError(f"{e}, or use --synthetic") from None
-    return config.instantiate(conf.data), config.instantiate(conf.nms), detections
+    conf = _compose_for_lookup("nms-ablate", overrides)
+    if conf.synthetic:
+        return None, []
+    try:
+        detections = find_run_file(conf.run, conf.paths.runs_dir, ["eval", "train"], f"detections/{conf.split}.npz")
+    except IouctlError as e:
+        compose("nms-ablate", overrides)  # no run to restore data from: a value still missing is the first error
+        raise IouctlError(f"{e}, or use --synthetic") from None
+    made_by = detections.parent.parent / "config.yaml"
+    if not made_by.is_file():  # a detections file given directly, outside any run: the data given is used
+        return detections, []
+    return detections, config.overrides_restoring(yaml.safe_load(made_by.read_text()) or {}, ["data"], overrides)
 
 
 @app.command()

@@ -4,7 +4,6 @@ from iouctl.data.coco import (
     CocoDetectionDataset,
     DatasetError,
     ValidationReport,
-    HorizontalFlips,
     collate_detection,
     validate_coco,
 )
@@ -15,6 +14,6 @@ from iouctl.data.voc import VOC_CLASSES, convert_voc
 
 __all__ = [
     "CocoData", "CocoDetectionDataset", "DatasetError", "ShapesData", "ShapesError", "VOC_CLASSES",
-    "HorizontalFlips", "ValidationReport", "collate_detection", "convert_voc", "import_dataset", "render_preview",
+    "ValidationReport", "collate_detection", "convert_voc", "import_dataset", "render_preview",
     "validate_coco",
 ]

@@ -140,12 +140,15 @@ class ValidationReport:
                 "examples": {k: list(v) for k, v in self.examples.items()}, "notes": dict(self.notes)}
 
 
+_NUM = {int, float}  # exact JSON number types (bool excluded); numpy scalars take the general path
+
+
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 def load_json(path: str | os.PathLike, what: str = "annotation file"):
@@ -242,61 +245,68 @@ def validate_coco_dict(data, ann_file: str | os.PathLike, image_dir: str | os.Pa
     elif any(im.get("width") is None for im in images.values()):
         rep.notes["images without width/height"] = sum(im.get("width") is None for im in images.values())
 
-    # annotations: one pass, cheapest checks first (COCO train has 860k of them)
+    # annotations: one pass (COCO train has 860k); exact-type fast paths, the general check only when they miss
     kept = []
     ann_ids: set = set()
     n_area = n_crowd = 0
+    add = rep.add
     for i, a in enumerate(data["annotations"]):
         if type(a) is not dict:
-            rep.add("missing_keys", f"#{i}")
+            add("missing_keys", f"#{i}")
             continue
         aid = a.get("id")
-        if not _is_int(aid):
-            rep.add("missing_keys", f"#{i}")
+        if type(aid) is not int and not _is_int(aid):
+            add("missing_keys", f"#{i}")
             continue
         if "image_id" not in a or "category_id" not in a or "bbox" not in a:
-            rep.add("missing_keys", str(aid))
+            add("missing_keys", str(aid))
             continue
         if aid in ann_ids:
-            rep.add("duplicate_id", str(aid))
+            add("duplicate_id", str(aid))
             continue
         ann_ids.add(aid)
         box = a["bbox"]
-        if type(box) is not list or len(box) != 4 or not all(_is_num(v) for v in box):
-            rep.add("bad_bbox", str(aid))
+        if type(box) is not list or len(box) != 4:
+            add("bad_bbox", str(aid))
             continue
         x, y, w, h = box
-        if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(w) and math.isfinite(h)):
-            rep.add("nonfinite_box", str(aid))
+        if not (type(x) in _NUM and type(y) in _NUM and type(w) in _NUM and type(h) in _NUM) \
+                and not all(_is_num(v) for v in box):
+            add("bad_bbox", str(aid))
+            continue
+        if not math.isfinite(x + y + w + h) and not all(math.isfinite(v) for v in box):  # a sum can overflow
+            add("nonfinite_box", str(aid))
             continue
         if w <= 0 or h <= 0:
-            rep.add("nonpositive_size", str(aid))
+            add("nonpositive_size", str(aid))
             continue
-        if not _is_int(a["category_id"]) or a["category_id"] not in cat_ids:
-            rep.add("unknown_category", str(aid))
+        cid = a["category_id"]
+        if not ((type(cid) is int or _is_int(cid)) and cid in cat_ids):
+            add("unknown_category", str(aid))
             continue
         crowd = a.get("iscrowd")
-        if crowd is not None and (crowd not in (0, 1) or type(crowd) is bool):
-            rep.add("bad_iscrowd", str(aid))
+        if crowd is not None and not (crowd in (0, 1) and (type(crowd) is int or _is_int(crowd))):
+            add("bad_iscrowd", str(aid))
             continue
         iid = a["image_id"]
-        im = images.get(iid) if _is_int(iid) else None
+        im = images.get(iid) if type(iid) is int or _is_int(iid) else None
         if im is None:
-            if _is_int(iid) and iid in skipped_image_ids:
+            if (type(iid) is int or _is_int(iid)) and iid in skipped_image_ids:
                 rep.on_skipped_image += 1
             else:
-                rep.add("unknown_image", str(aid))
+                add("unknown_image", str(aid))
             continue
-        if im.get("width") is not None and (x >= im["width"] or y >= im["height"] or x + w <= 0 or y + h <= 0):
-            rep.add("outside_image", str(aid))
+        iw = im.get("width")
+        if iw is not None and (x >= iw or y >= im["height"] or x + w <= 0 or y + h <= 0):
+            add("outside_image", str(aid))
             continue
         area = a.get("area")
-        if crowd is None or not (_is_num(area) and math.isfinite(area)):
+        if crowd is None or not ((type(area) in _NUM or _is_num(area)) and math.isfinite(area)):
             a = dict(a)
             if crowd is None:
                 a["iscrowd"] = 0
                 n_crowd += 1
-            if not (_is_num(area) and math.isfinite(area)):
+            if not ((type(area) in _NUM or _is_num(area)) and math.isfinite(area)):
                 a["area"] = float(w * h)
                 n_area += 1
         kept.append(a)
@@ -315,7 +325,7 @@ def validate_coco_dict(data, ann_file: str | os.PathLike, image_dir: str | os.Pa
     return rep
 
 
-def _image_size(path: Path, decode: bool) -> tuple[int, int] | str:
+def image_size(path: Path, decode: bool) -> tuple[int, int] | str:
     """(width, height) of an image file, or why it cannot be read. decode: decode every pixel (finds truncated
     and corrupt files); otherwise only the header is read."""
     from PIL import Image
@@ -341,7 +351,7 @@ def _check_image_files(rep: ValidationReport, images: dict[int, dict], skipped: 
     paths = [image_dir / images[iid]["file_name"] for iid in todo]
     total, filled = len(todo), 0
     with ThreadPoolExecutor(max(1, int(workers))) as pool:
-        for k, (iid, size) in enumerate(zip(todo, pool.map(_image_size, paths, [open_images] * total,
+        for k, (iid, size) in enumerate(zip(todo, pool.map(image_size, paths, [open_images] * total,
                                                             chunksize=64))):
             im = images[iid]
             if isinstance(size, str):
@@ -450,30 +460,6 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return f"CocoDetectionDataset({self.report.summary()})"
-
-
-class HorizontalFlips(torch.utils.data.Dataset):
-    """A detection dataset followed by its mirror images: item i < n is item i, item n + i is item i flipped left to
-    right (boxes mirrored). A sampler over 2n items then picks flips deterministically, so resume stays exact."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return 2 * len(self.dataset)
-
-    def __getitem__(self, idx: int):
-        n = len(self.dataset)
-        if not -2 * n <= idx < 2 * n:
-            raise IndexError(f"index {idx} out of range for {2 * n} items (images and their mirrors)")
-        idx %= 2 * n
-        image, target = self.dataset[idx % n]
-        if idx < n:
-            return image, target
-        w = image.shape[-1]
-        boxes = target["boxes"].clone()
-        boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
-        return image.flip(-1), {**target, "boxes": boxes}
 
 
 def collate_detection(batch: Iterable) -> tuple[list[torch.Tensor], list[dict]]:

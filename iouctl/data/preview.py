@@ -1,4 +1,5 @@
-"""A grid PNG of dataset images with their ground-truth boxes and class names (``iouctl data preview``)."""
+"""A grid PNG of dataset images with their ground-truth boxes and class names (``iouctl data preview``), optionally
+each followed by augmented draws of it (``--augment``)."""
 from __future__ import annotations
 
 import colorsys
@@ -19,16 +20,21 @@ def _color(label: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def render_preview(dataset, out_png: str | os.PathLike, num_images: int = 8, seed: int = 0) -> Path:
+def render_preview(dataset, out_png: str | os.PathLike, num_images: int = 8, seed: int = 0, augment=None,
+                   draws: int = 3) -> Path:
     """Draw ``num_images`` random images of ``dataset`` (chosen with ``seed``) with their GT boxes into a grid PNG.
 
     ``dataset[i]`` must give ``(image float Tensor[3, H, W] in [0, 1], {"boxes": Tensor[K, 4] xyxy,
     "labels": Tensor[K], "iscrowd": Tensor[K], "image_id": int})``; class names come from ``dataset.categories``
-    when present. Crowd boxes are drawn in thin grey. Returns the PNG path (written atomically)."""
+    when present. Crowd boxes are drawn in thin grey. ``augment`` (an iouctl.data.augment object): each image is
+    one row, itself then ``draws`` augmented versions (seeded from ``seed``, as training seeds them). Returns the PNG
+    path (written atomically)."""
     from PIL import Image, ImageDraw, ImageFont
 
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if augment is not None and draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
     n_total = len(dataset)
     if n_total == 0:
         raise ValueError("render_preview: the dataset has no images")
@@ -36,10 +42,21 @@ def render_preview(dataset, out_png: str | os.PathLike, num_images: int = 8, see
     rng = np.random.default_rng(seed)
     picks = sorted(rng.choice(n_total, size=min(num_images, n_total), replace=False).tolist())
 
-    tiles = []
-    font = ImageFont.load_default()
+    samples = []  # (caption, image, target)
     for idx in picks:
         image, target = dataset[idx]
+        samples.append((f"#{idx} id={target.get('image_id', idx)}", image, target))
+        if augment is not None:
+            from iouctl.data.augment import sample_seed
+
+            variants = int(getattr(augment, "variants", 1))
+            for d in range(1, draws + 1):  # variant d % variants: a flip's first draw is the mirror
+                aug = augment(image, target, variant=d % variants, seed=sample_seed(seed, len(samples)))
+                samples.append((f"#{idx} augmented {d}", *aug))
+
+    tiles = []
+    font = ImageFont.load_default()
+    for caption, image, target in samples:
         arr = (image.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy())
         h, w = arr.shape[:2]
         scale = max(1, math.ceil(_MIN_TILE / max(h, w)))
@@ -57,11 +74,11 @@ def render_preview(dataset, out_png: str | os.PathLike, num_images: int = 8, see
             tb = draw.textbbox((tx, ty), text, font=font)
             draw.rectangle(tb, fill=(0, 0, 0))
             draw.text((tx, ty), text, fill=col, font=font)
-        draw.text((3, 3), f"#{idx} id={target.get('image_id', idx)}", fill=(255, 255, 255), font=font,
+        draw.text((3, 3), caption, fill=(255, 255, 255), font=font,
                   stroke_width=1, stroke_fill=(0, 0, 0))
         tiles.append(tile)
 
-    cols = math.ceil(math.sqrt(len(tiles)))
+    cols = 1 + draws if augment is not None else math.ceil(math.sqrt(len(tiles)))
     rows = math.ceil(len(tiles) / cols)
     cw, ch = max(t.width for t in tiles), max(t.height for t in tiles)
     pad = 4

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from iouctl.data.coco import DatasetError
+from iouctl.data.coco import DatasetError, image_size
 
 PERCENTILES = (5, 25, 50, 75, 95)
 MAX_MIN_SIZE, MAX_MAX_SIZE = 800, 1333  # torchvision's detection defaults: the caps of the image-size rule
@@ -104,16 +104,10 @@ def read_split(coco: dict, image_dir: str | os.PathLike | None = None) -> SplitB
 def _image_size(im: dict, image_dir) -> tuple[int, int]:
     if image_dir is None:
         raise DatasetError(f"image {im['id']} ({im['file_name']}) has no width/height and no image folder was given")
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(image_dir) / im["file_name"]
-    try:
-        with Image.open(path) as f:  # reads the header only
-            return f.size
-    except FileNotFoundError:
-        raise DatasetError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise DatasetError(f"cannot read image {path}: {e}") from None
+    size = image_size(Path(image_dir) / im["file_name"], decode=False)
+    if isinstance(size, str):
+        raise DatasetError(f"cannot read image {Path(image_dir) / im['file_name']}: {size}")
+    return size
 
 
 def _summary(values: np.ndarray, keys: Sequence[str]) -> dict:

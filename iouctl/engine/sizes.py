@@ -107,7 +107,7 @@ def data_stats(run: Any, data: Any, models: dict[str, dict]) -> dict:
             suggestions[f"{same}, {option}"] = suggestions.pop(same)
         else:
             suggestions[option] = entry
-    _print_tables(run.console, stats)
+    print_tables(run.console, stats)
     _print_suggestions(run.console, suggestions)
     if not suggestions:
         run.console.print("no boxes in the train split: no model sizes to suggest")
@@ -126,7 +126,7 @@ def _cell(v: Any, digits: int = 1) -> str:
     return f"{v:.{digits}f}".rstrip("0").rstrip(".") if isinstance(v, float) else str(v)
 
 
-def _print_tables(console: Any, stats: dict) -> None:
+def print_tables(console: Any, stats: dict) -> None:
     from rich import box
     from rich.table import Table
 

@@ -1,6 +1,7 @@
 """`iouctl train`: an iteration-based training loop with exact resume, and the evaluation that ends it.
 
-Exact resume: the data order is a pure function of (seed, iteration) (IterationSampler), the learning rate a pure
+Exact resume: the data order and each sample's augmentation are pure functions of (seed, iteration) (IterationSampler
+hands every sample its own seed; iouctl.data.augment), the learning rate a pure
 function of the iteration, and a checkpoint holds the model, the optimizer, the iteration and the RNG states; a run
 killed at any point and resumed from its last checkpoint reaches the same weights as an uninterrupted one (on CPU).
 """
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from iouctl.data import collate_detection
+from iouctl.data.augment import AugmentedDataset, sample_seed
 from iouctl.errors import IouctlError
 from iouctl.fileio import atomic_write_with
 
@@ -34,8 +36,9 @@ class CategoryMap:
 
 
 class IterationSampler(torch.utils.data.Sampler):
-    """Batches of dataset indices for iterations [start, stop): sample k of the global stream is
-    permutation(seed, epoch = k // n)[k % n]; rank r of w takes its own slice of each global batch."""
+    """Batches of (dataset index, augmentation seed) pairs for iterations [start, stop): sample k of the global stream
+    is (permutation(seed, epoch = k // n)[k % n], sample_seed(seed, k)); rank r of w takes its own slice of each global
+    batch. Both are functions of (seed, iteration, position in the global batch) only."""
 
     def __init__(self, n: int, batch_size: int, start: int, stop: int, seed: int, rank: int = 0, world: int = 1):
         if n < 1:
@@ -50,11 +53,12 @@ class IterationSampler(torch.utils.data.Sampler):
             self._perms = {epoch: torch.randperm(self.n, generator=g)}
         return self._perms[epoch]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         global_batch = self.batch_size * self.world
         for it in range(self.start, self.stop):
             first = it * global_batch + self.rank * self.batch_size
-            yield [int(self._perm(k // self.n)[k % self.n]) for k in range(first, first + self.batch_size)]
+            yield [(int(self._perm(k // self.n)[k % self.n]), sample_seed(self.seed, k))
+                   for k in range(first, first + self.batch_size)]
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -99,12 +103,14 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def train(cfg: Any, run: Any, data: Any, model: torch.nn.Module, make_optimizer: Callable,
-          resume_from: Optional[Path] = None, evaluate_fn: Optional[Callable] = None) -> dict:
+          resume_from: Optional[Path] = None, evaluate_fn: Optional[Callable] = None,
+          augment: Optional[Callable] = None) -> dict:
     """Train `model` on `data`'s train split for cfg.schedule.max_iters iterations, evaluating with
     `evaluate_fn(model, step)` every cfg.eval_every iterations and at the end.
 
     cfg: the plain keys of conf/train.yaml; make_optimizer: params -> optimizer (the `optim` config, partial);
-    resume_from: a checkpoint to continue from exactly.
+    resume_from: a checkpoint to continue from exactly; augment: the `augment` config's object
+    (iouctl.data.augment), None for no augmentation.
     """
     from iouctl.engine import distributed as dist
 
@@ -125,14 +131,19 @@ def train(cfg: Any, run: Any, data: Any, model: torch.nn.Module, make_optimizer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         start = int(state["iteration"])
         run.console.print(f"resumed from {resume_from} at iteration {start}")
+    init = getattr(model, "init_report", None)  # set by model.init_from (iouctl.models.init_from)
+    if init is not None and rank == 0:
+        if resume_from is None:
+            for line in init.lines():
+                run.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            run.write_json("init_from.json", init.to_dict())
+        else:  # the checkpoint was loaded after init_from, so its weights won
+            run.console.print(f"model.init_from {init.file} not used: the weights come from the checkpoint",
+                              markup=False, highlight=False, soft_wrap=True)
     net = dist.wrap(model, device)
     s = cfg.schedule
     max_iters = int(s.max_iters)
-    dataset = data.dataset("train")
-    if cfg.hflip:  # each epoch sees every image and its mirror, in the sampler's order
-        from iouctl.data import HorizontalFlips
-
-        dataset = HorizontalFlips(dataset)
+    dataset = AugmentedDataset(data.dataset("train"), augment)  # an epoch: every image x augment.variants
     sampler = IterationSampler(len(dataset), int(cfg.batch_size), start, max_iters, int(cfg.seed), rank, world)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_detection,
                                          num_workers=int(cfg.num_workers), pin_memory=device.type == "cuda")

@@ -35,6 +35,8 @@ _IMAGENET_MEAN = [0.485, 0.456, 0.406]
 _IMAGENET_STD = [0.229, 0.224, 0.225]
 _C_STRIDES = (4, 8, 16, 32)  # C2..C5 of both backbones; an optional 5th FPN level is a stride-64 max-pool (P6)
 _MAX_LEVELS = 5
+# For anchor_sizes=auto (iouctl.data.stats): P2 first (stride 4), and always P2..P6 as torchvision's FPN R-CNN
+ANCHOR_PYRAMID = {"first_stride": _C_STRIDES[0], "min_levels": _MAX_LEVELS, "max_levels": _MAX_LEVELS}
 # Sizes by backbone: "small" is meant for 128x128 CPU experiments (fewer sampled RoIs, narrower FC layers).
 # rep: FC width of the box and IoU heads (1024 in the paper); rois: R-CNN RoIs sampled per image (torchvision 512).
 _SIZES = {
@@ -408,13 +410,16 @@ class TwoStageDetector(nn.Module):
 def faster_rcnn(backbone: str, pretrained: str | None, min_size: int, max_size: int, anchor_sizes: Sequence[int],
                 aspect_ratios: Sequence[float], detections_per_img: int, iou_head: bool, iou_loss_weight: float,
                 box_score_thresh: float, iou_loss: str, jitter_per_gt: int, iou_bins: int,
-                num_classes: int | None = None, pool: nn.Module | None = None) -> TwoStageDetector:
+                num_classes: int | None = None, pool: nn.Module | None = None,
+                init_from: str | None = None) -> TwoStageDetector:
     """FPN Faster R-CNN (iou_head=False) or IoU-Net (iou_head=True).
 
     One FPN level per anchor size (P2.. with strides 4, 8, 16, 32, and a 5th = stride-64 max-pool level used by the
     RPN only, as torchvision). ``pool`` (default ``PrRoIPool(7)``) is applied per level with its spatial scale set
     from the stride; it feeds both the box head and the IoU head. Eval output is capped at
     max(1000, 10 * detections_per_img) raw candidates per image (NMS comes later and keeps detections_per_img).
+    ``init_from``: a torchvision Faster R-CNN state_dict file to start from (iouctl.models.init_from); what was
+    loaded is on ``model.init_report``.
     """
     from iouctl.ops import PrRoIPool
 
@@ -465,4 +470,9 @@ def faster_rcnn(backbone: str, pretrained: str | None, min_size: int, max_size: 
         candidates_per_img=max(1000, 10 * detections_per_img), iou_loss_weight=float(iou_loss_weight),
         jitter_per_gt=jitter_per_gt, iou_bins=iou_bins)
     transform = GeneralizedRCNNTransform(min_size, max_size, _IMAGENET_MEAN, _IMAGENET_STD)
-    return TwoStageDetector(transform, body, rpn, heads, num_classes)
+    model = TwoStageDetector(transform, body, rpn, heads, num_classes)
+    if init_from is not None:
+        from iouctl.models.init_from import load_into_two_stage
+
+        model.init_report = load_into_two_stage(model, init_from, backbone)
+    return model

@@ -28,6 +28,8 @@ from iouctl.errors import ConfigError
 from iouctl.models.backbones import STAGE_CHANNELS, backbone_body
 
 MAX_LEVELS = 5  # P3..P7, the paper's pyramid
+# For anchor_sizes=auto (iouctl.data.stats): P3 first (stride 8); at least P3..P5, so C3..C5 all feed the FPN
+ANCHOR_PYRAMID = {"first_stride": 8, "min_levels": 3, "max_levels": MAX_LEVELS}
 HEAD_NORMS = ("none", "group")
 # positives: the paper (IoU loss on positive anchors only); overlapping: also every other anchor whose decoded box
 # overlaps a ground truth by IoU >= 0.5 (target: that IoU, detached), the detections the IoU is judged on
@@ -312,12 +314,14 @@ def retinanet(backbone: str, pretrained: str | None, min_size: int, max_size: in
               aspect_ratios: Sequence[float], detections_per_img: int, iou_head: bool, iou_loss_weight: float,
               score_thresh: float, topk_candidates: int, cls_weight: float, detach_iou_target: bool,
               num_classes: int | None = None, pool: nn.Module | None = None, head_norm: str = "none",
-              iou_supervision: str = "positives") -> IoURetinaNet:
+              iou_supervision: str = "positives", init_from: str | None = None) -> IoURetinaNet:
     """RetinaNet (iou_head=False) or IoU-aware RetinaNet (iou_head=True), see `IoURetinaNet` for the call contract.
     `pool` is accepted and unused (a single-stage detector pools no RoIs), so every detector builds the same way.
 
     One anchor size per FPN level, the first on P3 (stride 8): len(anchor_sizes) levels (1..5), each with
     len(aspect_ratios) anchors per location. Bad arguments raise ConfigError (a ValueError) with one line.
+    `init_from`: a torchvision RetinaNet state_dict file to start from (iouctl.models.init_from); what was loaded is
+    on `model.init_report`.
     """
     if num_classes is None or isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be an integer >= 1 (from the dataset), got {num_classes!r}")
@@ -342,6 +346,11 @@ def retinanet(backbone: str, pretrained: str | None, min_size: int, max_size: in
     head = RetinaHead(body.out_channels, len(ratios), num_classes, iou_head=bool(iou_head),
                       iou_loss_weight=iou_loss_weight, detach_iou_target=detach_iou_target, head_norm=head_norm,
                       iou_supervision=iou_supervision)
-    return IoURetinaNet(body, num_classes, head, anchor_generator, min_size=min_size, max_size=max_size,
-                        score_thresh=score_thresh, topk_candidates=topk_candidates,
-                        detections_per_img=detections_per_img, cls_weight=cls_weight)
+    model = IoURetinaNet(body, num_classes, head, anchor_generator, min_size=min_size, max_size=max_size,
+                         score_thresh=score_thresh, topk_candidates=topk_candidates,
+                         detections_per_img=detections_per_img, cls_weight=cls_weight)
+    if init_from is not None:
+        from iouctl.models.init_from import load_into_retinanet
+
+        model.init_report = load_into_retinanet(model, init_from, backbone)
+    return model

@@ -8,7 +8,7 @@ from iouctl.errors import ConfigError
 # The command whose primary config holds each group.
 GROUP_COMMAND = {
     "paths": "train", "data": "train", "model": "train", "pool": "train", "optim": "train", "logger": "train",
-    "nms": "eval", "refiner": "refine", "experiment": "train",
+    "nms": "eval", "refiner": "refine", "experiment": "train", "augment": "train",
 }
 EXTRA = {("data", "coco"): ["data.root=/nonexistent/coco"],
          ("experiment", "coco_r50_1x_iou_retina"): ["data.root=/d"], ("experiment", "coco_r50_iou_net"): ["data.root=/d"]}
@@ -50,7 +50,7 @@ def test_every_option_composes_and_instantiates(group, option):
         return
     obj = config.instantiate(node)
     if node is None:
-        assert group == "refiner" and option == "none" and obj is None
+        assert group in ("refiner", "augment") and option == "none" and obj is None
         return
     target = node["_target_"]
     expected = target.rsplit(".", 1)[1]

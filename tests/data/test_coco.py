@@ -354,29 +354,3 @@ def test_null_image_size_is_accepted_without_a_crash(tmp_path):
     assert validate_coco(p).ok
 
 
-def test_horizontal_flips_mirror_pixels_and_boxes():
-    from iouctl.data import HorizontalFlips
-
-    class OneBox:  # a bright rectangle exactly at its box: the mirrored pixels locate the mirrored box
-        def __len__(self):
-            return 2
-
-        def __getitem__(self, i):
-            img = torch.zeros(3, 20, 30)
-            x1, y1, x2, y2 = (3 + i, 4, 11 + i, 9)
-            img[:, y1:y2, x1:x2] = 1.0
-            return img, {"boxes": torch.tensor([[x1, y1, x2, y2]], dtype=torch.float32),
-                         "labels": torch.tensor([1]), "image_id": i}
-
-    flips = HorizontalFlips(OneBox())
-    assert len(flips) == 4
-    for i in range(2):
-        img, t = flips[i]
-        torch.testing.assert_close(t["boxes"], OneBox()[i][1]["boxes"])
-        img, t = flips[2 + i]
-        ys, xs = torch.where(img[0] > 0)
-        expect = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
-        torch.testing.assert_close(t["boxes"], expect)
-        assert t["image_id"] == i and torch.equal(t["labels"], torch.tensor([1]))
-    with pytest.raises(IndexError, match="out of range for 4 items"):
-        flips[4]

@@ -60,3 +60,39 @@ def test_preview_of_shapes_dataset(tmp_path):
     img = Image.open(out)
     img.verify()
     assert img.size == (2 * 260 + 4, 2 * 260 + 4)
+
+
+def test_augmented_rows_show_the_image_then_its_draws(tmp_path):
+    from iouctl.data.augment import MirrorPairs
+
+    out = render_preview(FakeDataset(5), tmp_path / "aug.png", num_images=3, augment=MirrorPairs(), draws=1)
+    arr = np.asarray(Image.open(out).convert("RGB"))
+    assert arr.shape[:2] == (3 * 260 + 4, 2 * 260 + 4)  # a row per image: itself, then one draw
+    col = np.array(_color(2))
+    for row in range(3):
+        oy = 4 + row * 260
+        assert (arr[oy + 16 * 8, 4 + 20 * 8 - 1] == col).all()  # the original's right edge at x = 20
+        mirrored = 4 + 260  # the mirror (MirrorPairs' first draw): box [12, 6, 28, 26]
+        assert (arr[oy + 16 * 8, mirrored + 28 * 8 - 1] == col).all()
+        assert (arr[oy + 16 * 8, mirrored + 12 * 8] == col).all()
+        assert (arr[oy + 16 * 8, mirrored + 8 * 8] == 0).all()  # left of the mirrored box: black
+
+
+def test_preview_command_with_augment(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from iouctl.cli import app
+
+    monkeypatch.setenv("IOUCTL_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["data", "preview", "--split", "train", "-n", "2", "data.num_train=4", "data.num_val=2",
+            "data.image_size=64", f"paths.runs_dir={tmp_path / 'runs'}"]
+    r = CliRunner().invoke(app, [*args, "--augment", "standard", "augment.crop_prob=0.0"])
+    assert r.exit_code == 0, r.output
+    (d,) = (tmp_path / "runs" / "data").iterdir()
+    img = Image.open(d / "preview_train_standard.png")
+    assert img.size == (4 * 260 + 4, 2 * 260 + 4)  # 2 images x (itself + 3 draws); 64 px tiles x4, no crop
+    assert "crop_prob: 0.0" in (d / "config.yaml").read_text()  # augment.* overrides reach the preview
+
+    r = CliRunner().invoke(app, [*args, "--augment", "fancy"])
+    assert r.exit_code == 2
+    assert "unknown option 'fancy' for config group 'augment'; valid: flip, none, standard" in r.output

@@ -58,11 +58,14 @@ def _train_cmd(runs, *extra):
             "checkpoint_every=1", "eval_every=100", f"paths.runs_dir={runs}", *extra]
 
 
-def test_sigkill_and_resume_reach_the_same_weights(env):
+@pytest.mark.parametrize("augment", [[], ["augment=standard"]], ids=["flip", "standard"])
+def test_sigkill_and_resume_reach_the_same_weights(env, augment):
     full = env / "full"
-    subprocess.run(_train_cmd(full), check=True, capture_output=True, env=os.environ)
+    # standard: the uninterrupted run loads with 2 workers, the killed and resumed one in the main process
+    workers = ["num_workers=2"] if augment else []
+    subprocess.run(_train_cmd(full, *augment, *workers), check=True, capture_output=True, env=os.environ)
     killed = env / "killed"
-    proc = subprocess.Popen(_train_cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_train_cmd(killed, *augment), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     ckpt = None
     while time.time() < deadline and ckpt is None:
@@ -73,7 +76,7 @@ def test_sigkill_and_resume_reach_the_same_weights(env):
     proc.wait()
     assert ckpt is not None
     at = torch.load(ckpt, weights_only=True)["iteration"]
-    subprocess.run(_train_cmd(killed, "resume=true"), check=True, capture_output=True, env=os.environ)
+    subprocess.run(_train_cmd(killed, *augment, "resume=true"), check=True, capture_output=True, env=os.environ)
     a = torch.load(next(full.glob("train/*/checkpoints/last.pt")), weights_only=True)
     resumed = sorted(killed.glob("train/*/checkpoints/last.pt"))[-1]
     b = torch.load(resumed, weights_only=True)
@@ -97,11 +100,16 @@ def test_iteration_sampler_is_a_function_of_the_iteration():
     whole = list(IterationSampler(10, 3, 0, 9, seed=1))
     assert list(IterationSampler(10, 3, 4, 9, seed=1)) == whole[4:]  # resuming at 4 replays the same batches
     for e in range(2):  # every epoch is a permutation
-        stream = [i for b in whole for i in b][e * 10:(e + 1) * 10]
+        stream = [i for b in whole for i, _ in b][e * 10:(e + 1) * 10]
         assert sorted(stream) == list(range(10))
+    seeds = [s for b in whole for _, s in b]
+    assert len(set(seeds)) == len(seeds)  # every sample its own augmentation seed, even the same image twice
+    assert seeds != [s for b in IterationSampler(10, 3, 0, 9, seed=2) for _, s in b]  # and another run seed, others
     r0, r1 = list(IterationSampler(12, 2, 0, 6, 1, 0, 2)), list(IterationSampler(12, 2, 0, 6, 1, 1, 2))
     assert all(not set(a) & set(b) for a, b in zip(r0, r1))  # ranks share no sample within a global batch
-    assert sorted(i for b in r0[:3] + r1[:3] for i in b) == list(range(12))  # and cover the epoch together
+    assert sorted(i for b in r0[:3] + r1[:3] for i, _ in b) == list(range(12))  # and cover the epoch together
+    # the global stream, seeds included, does not depend on how many ranks share it
+    assert [p for b in IterationSampler(12, 4, 0, 6, 1) for p in b] == [p for a, b in zip(r0, r1) for p in a + b]
 
 
 def test_lr_schedule():

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from iouctl.data.coco import SPLITS, DatasetError, ValidationReport, _image_size, validate_coco_dict
+from iouctl.data.coco import SPLITS, DatasetError, ValidationReport, image_size, validate_coco_dict
 from iouctl.fileio import atomic_write_json
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -130,7 +130,7 @@ def check_items(items: list[Item], report: ValidationReport, classes: Sequence[s
             report.add("duplicate_image", f"{item.where} and {seen[key]} -> {item.name or item.path}")
             continue
         seen[key] = item.where
-        size = _image_size(item.path, False)
+        size = image_size(item.path, False)
         if isinstance(size, str):
             missing = not item.path.is_file()
             report.add("missing_file" if missing else "unreadable_image",
