@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from iouctl.analysis.groundtruth import BACKENDS, GroundTruth, GroundTruthError, _is_int, _is_num, _quiet, load_gt
+from iouctl.analysis.groundtruth import BACKENDS, GroundTruth, GroundTruthError, _quiet, load_gt
+from iouctl.data.coco import _is_int, _is_num
 from iouctl.data.detections import Detections
 
 DEFAULT_BACKEND = "faster-coco-eval"

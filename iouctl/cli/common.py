@@ -51,9 +51,16 @@ def user_errors(run_dir: Any = None) -> Iterator[None]:
 
 
 def compose(command: str, overrides: Optional[List[str]], allow_missing: bool = False) -> Any:
+    """The command's config; values the schema cannot type (model sizes: a number, a list or `auto`) are checked
+    here too, so that a bad one is refused before a run directory or the data is touched."""
     from iouctl import config
 
-    return config.compose(command, overrides or [], allow_missing=allow_missing)
+    cfg = config.compose(command, overrides or [], allow_missing=allow_missing)
+    if not allow_missing and "model" in cfg:
+        from iouctl.engine.sizes import check_model_sizes
+
+        check_model_sizes(cfg.model)
+    return cfg
 
 
 def print_config(cfg: Any) -> None:

@@ -132,7 +132,7 @@ def stats(overrides: Optional[List[str]] = Overrides) -> None:
 
         data = config.instantiate(conf.data)
         with run.progress(transient=True) as progress:
-            prepare_dataset(data, progress)
+            prepare_dataset(data, progress, read_pixels=False)  # sizes come from the JSON (or image headers)
         models = {o: yaml.safe_load((config.CONF_DIR / "model" / f"{o}.yaml").read_text())
                   for o in config.group_options("model")}
         data_stats(run, data, models)

@@ -12,9 +12,9 @@ malformed, duplicate or no categories. Skippable with ``skip_bad=True`` (counted
 - annotations: missing required keys, malformed ``bbox``, non-finite box, zero or negative width/height, box
   entirely outside its image, unknown category id, unknown image id, duplicate annotation id, bad ``iscrowd``.
 
-Accepted as third-party files write them (counted in ``notes``, never an error): annotation ids from 0, no ``area``
-(computed as w * h), no ``iscrowd`` (0), images without ``width`` / ``height`` (read from the image header when the
-image folder is known). Boxes that stick out of the image only partly are kept unchanged (COCO itself has some).
+Accepted as third-party files write them, never an error: annotation ids from 0, no ``area`` (computed as w * h),
+no ``iscrowd`` (0), images without ``width`` / ``height`` (read from the image header when the image folder is
+known); each value filled in is counted in the report's ``notes``. Boxes that stick out of the image only partly are kept unchanged (COCO itself has some).
 """
 from __future__ import annotations
 
@@ -23,12 +23,14 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
-import torch
 
 from iouctl.errors import IouctlError
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("train", "val")
 _SHOW_IDS = 3  # offending ids quoted per kind in an error line
@@ -391,7 +393,7 @@ def validate_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike | No
     return validate_coco_dict(load_json(ann_file), ann_file, image_dir, skip_bad, open_images, workers, progress)
 
 
-def read_image(path: str | os.PathLike) -> torch.Tensor:
+def read_image(path: str | os.PathLike) -> "torch.Tensor":
     """Load an image file as float32 Tensor[3, H, W] in [0, 1] (RGB; grey and palette images are converted)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -402,10 +404,12 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
         raise DatasetError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DatasetError(f"cannot read image {path}: {e}") from None
+    import torch
+
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-class CocoDetectionDataset(torch.utils.data.Dataset):
+class CocoDetectionDataset:  # a map-style dataset (__len__, __getitem__): what DataLoader needs, without importing torch
     """A COCO detection split, one item per (valid) image, images without annotations included.
 
     Item: ``(image, target)`` with image float32 Tensor[3, H, W] in [0, 1] and target
@@ -427,6 +431,8 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         by_image: dict[int, list[dict]] = {iid: [] for iid in self.image_ids}
         for a in self.report.annotations:
             by_image[a["image_id"]].append(a)
+        import torch
+
         self._targets = []
         for iid in self.image_ids:
             anns = by_image[iid]
@@ -462,7 +468,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         return f"CocoDetectionDataset({self.report.summary()})"
 
 
-def collate_detection(batch: Iterable) -> tuple[list[torch.Tensor], list[dict]]:
+def collate_detection(batch: Iterable) -> tuple[list, list[dict]]:
     """[(image, target), ...] -> (list of images [3, H_i, W_i], list of targets): sizes may differ per image."""
     batch = list(batch)
     if not batch:
@@ -473,9 +479,9 @@ def collate_detection(batch: Iterable) -> tuple[list[torch.Tensor], list[dict]]:
 
 CHECK_IMAGES = ("none", "val", "all")
 AUTO = "auto"
-# `auto` paths, first that exists: COCO's own layout, then what `iouctl data import` writes
-_AUTO_ANN = ("annotations/instances_{split}2017.json", "annotations/{split}.json")
-_AUTO_IMAGES = ("{split}2017", "images/{split}", "images")
+# `auto` layouts, first whose annotation file exists: COCO's own, then what `iouctl data import` writes (file_name
+# relative to images/, which may itself hold train/ and val/ folders: the annotation file decides, never a guess)
+_AUTO = (("annotations/instances_{split}2017.json", "{split}2017"), ("annotations/{split}.json", "images"))
 
 
 class CocoData:
@@ -485,8 +491,10 @@ class CocoData:
         root: dataset folder; relative ``train_ann`` / ``val_ann`` / ``*_images`` paths resolve under it.
         train_ann, val_ann: annotation JSON files; ``auto``: ``annotations/instances_<split>2017.json`` (COCO) or
             ``annotations/<split>.json`` (``iouctl data import``), the first that exists.
-        train_images, val_images: image folders; ``auto``: ``<split>2017``, ``images/<split>`` or ``images``.
-        skip_bad: skip malformed annotations / missing or broken images (counted in the reports) instead of failing.
+        train_images, val_images: image folders; ``auto``: the one of the layout whose annotation file was found
+            (``<split>2017`` for COCO's, ``images`` for ``data import``'s).
+        skip_bad: skip malformed annotations / missing or broken images (counted in the reports) instead of failing;
+            every image of both splits is then opened at ``prepare()``.
         check_images: which splits have every image opened at ``prepare()`` (decodable, size as in the JSON):
             ``none``, ``val`` (an evaluation then never fails after training) or ``all``.
         workers: threads that open images.
@@ -520,14 +528,16 @@ class CocoData:
         given = self._given[(kind, split)]
         if given != AUTO:
             return self.root / given
-        candidates = [self.root / c.format(split=split) for c in (_AUTO_ANN if kind == "ann" else _AUTO_IMAGES)]
-        for c in candidates:
-            if (c.is_file() if kind == "ann" else c.is_dir()):
-                return c
+        ann = self._given[("ann", split)]
+        for ann_auto, images in _AUTO:
+            found = self.root / ann_auto.format(split=split)
+            if ann == AUTO and found.is_file() or ann != AUTO and (self.root / images.format(split=split)).is_dir():
+                return found if kind == "ann" else self.root / images.format(split=split)
         key = f"data.{split}_{'ann' if kind == 'ann' else 'images'}"
         self._check_root()
-        raise DatasetError(f"{key}=auto: none of {', '.join(str(c.relative_to(self.root)) for c in candidates)} "
-                           f"exists under {self.root}; give {key}=<path relative to data.root>")
+        tried = ", ".join(layout[0 if kind == "ann" else 1].format(split=split) for layout in _AUTO)
+        raise DatasetError(f"{key}=auto: none of {tried} exists under {self.root}; give {key}=<path relative to "
+                           "data.root>")
 
     def ann_file(self, split: str) -> Path:
         return self._path("ann", split)
@@ -535,21 +545,25 @@ class CocoData:
     def image_dir(self, split: str) -> Path:
         return self._path("img", split)
 
-    def report(self, split: str, progress: Callable[[int, int], object] | None = None) -> ValidationReport:
-        """Validation report of a split (validated once, then cached); images are opened as ``check_images`` says."""
+    def report(self, split: str, progress: Callable[[int, int], object] | None = None,
+               open_images: bool | None = None) -> ValidationReport:
+        """Validation report of a split (validated once, then cached). Images are opened as ``check_images`` says,
+        and in every split with ``skip_bad`` (a broken image is then skipped now, not met in a DataLoader worker
+        hours into training); ``open_images=False``: never (for commands that read no pixels)."""
         self._check_split(split)
         if split not in self._reports:
             self._check_root()
-            open_images = self.check_images == "all" or self.check_images == split
+            if open_images is None:
+                open_images = self.check_images in ("all", split) or self.skip_bad
             self._reports[split] = validate_coco(self.ann_file(split), self.image_dir(split), self.skip_bad,
                                                  open_images, self.workers, progress)
         return self._reports[split]
 
-    def prepare(self, progress: Callable[[int, int], object] | None = None) -> None:
+    def prepare(self, progress: Callable[[int, int], object] | None = None, open_images: bool | None = None) -> None:
         """Validate both splits (raises DatasetError unless skip_bad) and check they share categories."""
         self._check_root()
         for split in SPLITS:
-            self.report(split, progress)
+            self.report(split, progress, open_images)
         check_same_categories(self._reports["train"], self._reports["val"])
 
     @property

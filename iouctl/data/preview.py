@@ -50,8 +50,10 @@ def render_preview(dataset, out_png: str | os.PathLike, num_images: int = 8, see
             from iouctl.data.augment import sample_seed
 
             variants = int(getattr(augment, "variants", 1))
-            for d in range(1, draws + 1):  # variant d % variants: a flip's first draw is the mirror
-                aug = augment(image, target, variant=d % variants, seed=sample_seed(seed, len(samples)))
+            for d in range(1, draws + 1):
+                # variants 1.. only (0 is the image as it is): a flip's draws are all the mirror, never the original
+                variant = 1 + (d - 1) % (variants - 1) if variants > 1 else 0
+                aug = augment(image, target, variant=variant, seed=sample_seed(seed, len(samples)))
                 samples.append((f"#{idx} augmented {d}", *aug))
 
     tiles = []

@@ -315,11 +315,12 @@ class ShapesData:
         return self.root / split
 
     # -- generation
-    def prepare(self, progress: Callable[[int, int], object] | None = None) -> None:
+    def prepare(self, progress: Callable[[int, int], object] | None = None, open_images: bool | None = None) -> None:
         """Generate the dataset into ``root`` unless it is there already (then a no-op).
 
         Builds in a temp folder next to ``root`` and renames it into place: an interrupted run leaves no
-        half dataset, and of two concurrent runs the first rename wins (both produce identical bytes)."""
+        half dataset, and of two concurrent runs the first rename wins (both produce identical bytes).
+        ``open_images`` is accepted for ``CocoData``'s interface: generated images are never opened to check them."""
         if self.root.is_dir():
             missing = [str(f) for f in (self.ann_file(s) for s in SPLITS) if not f.is_file()]
             if missing:

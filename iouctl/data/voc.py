@@ -22,14 +22,15 @@ Conventions (chosen and documented here):
 """
 from __future__ import annotations
 
-import math
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Sequence
 
 from iouctl.data.coco import DatasetError, ValidationReport, validate_coco_dict
-from iouctl.data.importers import IMAGE_EXTS, Box, Item, Source, build_coco, check_items, problem_kinds
+from iouctl.data.importers import (
+    IMAGE_EXTS, Box, Item, Source, build_coco, check_items, parse_number, problem_kinds,
+)
 from iouctl.fileio import atomic_write_json
 
 VOC_CLASSES = (
@@ -45,6 +46,7 @@ VOC_KINDS = problem_kinds("file object #", {
     "broken_xml": ("unparsable XML files", "file:line:col"),
     "bad_size": ("XML files without a valid <size> width/height", "files"),
     "bad_box": ("objects without a numeric <bndbox> xmin/ymin/xmax/ymax", "file object #"),
+    "missing_name": ("objects without a class <name>", "file object #"),
 })
 
 
@@ -52,14 +54,6 @@ def _text(el, path: str) -> str | None:
     for tag in path.split("/"):  # one level at a time: C-speed Element.find (a path goes through ElementPath)
         el = None if el is None else el.find(tag)
     return None if el is None or el.text is None else el.text.strip()
-
-
-def _number(s: str | None) -> float | None:
-    try:
-        v = float(s)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 class _Listing:
@@ -111,7 +105,7 @@ def _parse(xml: Path, rel: str, report: ValidationReport, difficult: str):
         report.add("broken_xml", f"{rel}:1:1 (root <{tree.tag}>, expected <annotation>)")
         return None
     sizes = [_text(tree, "size/width"), _text(tree, "size/height")]
-    width, height = (_number(s) for s in sizes)
+    width, height = (parse_number(s) for s in sizes)
     if all(s in (None, "", "0") for s in sizes):  # size unknown to the tool that wrote it: read from the image
         width = height = None
     elif width is None or height is None or width <= 0 or height <= 0 or width != int(width) \
@@ -122,7 +116,11 @@ def _parse(xml: Path, rel: str, report: ValidationReport, difficult: str):
     for k, obj in enumerate(tree.findall("object")):
         where = f"{rel} object #{k}"
         bndbox = obj.find("bndbox")
-        coords = [_number(_text(bndbox, t)) for t in ("xmin", "ymin", "xmax", "ymax")]
+        name = _text(obj, "name")
+        if not name:  # an empty class would become a category named ""
+            report.add("missing_name", where)
+            continue
+        coords = [parse_number(_text(bndbox, t)) for t in ("xmin", "ymin", "xmax", "ymax")]
         if any(c is None for c in coords):
             report.add("bad_box", where)
             continue
@@ -133,7 +131,7 @@ def _parse(xml: Path, rel: str, report: ValidationReport, difficult: str):
             if difficult == "drop":
                 continue
         # 1-based inclusive -> 0-based [x, y, w, h] (see module docstring)
-        boxes.append(Box((xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1), _text(obj, "name") or "", where,
+        boxes.append(Box((xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1), name, where,
                          iscrowd=int(is_difficult and difficult == "crowd"),
                          extra={"difficult": int(is_difficult), "truncated": int(_text(obj, "truncated") == "1")}))
     width = None if width is None else int(width)

@@ -47,7 +47,7 @@ def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, detections: Path | 
     """Every arm of the grid against `baseline` on the raw detections file `detections` (None: synthesize them from
     the ground truth of `data`). `cfg` holds the plain settings of conf/nms_ablate.yaml."""
     with run.progress(transient=True) as progress:
-        prepare_dataset(data, progress)
+        prepare_dataset(data, progress, read_pixels=False)
     gt = ground_truth(data, cfg.split)
     if detections is None:
         dets = synthesize_detections(gt, seed=int(cfg.seed))

@@ -4,10 +4,12 @@ from __future__ import annotations
 from typing import Any
 
 
-def prepare_dataset(data: Any, progress: Any) -> None:
-    """`data.prepare()` reporting into a rich Progress (`progress` is an open one, e.g. `run.progress(transient=True)`)."""
+def prepare_dataset(data: Any, progress: Any, read_pixels: bool = True) -> None:
+    """`data.prepare()` reporting into a rich Progress (`progress` is an open one, e.g. `run.progress(transient=True)`).
+    read_pixels=False: the command only reads annotations (nms-ablate, data stats), so no image is opened to check it."""
     task = progress.add_task("preparing dataset", total=None)
-    data.prepare(progress=lambda done, total: progress.update(task, completed=done, total=total))
+    data.prepare(progress=lambda done, total: progress.update(task, completed=done, total=total),
+                 open_images=None if read_pixels else False)
 
 
 def ground_truth(data: Any, split: str) -> Any:

@@ -52,7 +52,8 @@ def _train_run_of(run_dir: Path) -> Path:
 
 
 def find_source(run: str | None, runs_dir: str, split: str) -> tuple[Path, dict, Path | None]:
-    """(checkpoint, the train run's config, cached raw detections of `split` or None) for `run` = a train or eval
+    """(checkpoint, the config to restore (the run's own: an eval run's data may differ from its train run's), cached
+    raw detections of `split` or None) for `run` = a train or eval
     run of a model with a box-differentiable IoU head; run=None: the newest completed such run."""
     from iouctl.engine.train import CHECKPOINT
     from iouctl.runs import read_status
@@ -85,7 +86,8 @@ def find_source(run: str | None, runs_dir: str, split: str) -> tuple[Path, dict,
         raise IouctlError(f"run={run_dir}: its model ({name}, iou_head={model.get('iou_head')}) has no "
                           f"box-differentiable IoU head; refinement needs model=iou_net (IoU head on PrRoI features)")
     dets = run_dir / DET_FILE.format(split=split)
-    return train_dir / CHECKPOINT, trained, dets if dets.is_file() else None
+    # an eval run's config: the train run's model and pool as it restored them, and the data its detections are of
+    return train_dir / CHECKPOINT, _config(run_dir), dets if dets.is_file() else None
 
 
 # ------------------------------------------------------------------------------------------------- refinement

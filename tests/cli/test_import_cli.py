@@ -83,6 +83,8 @@ BAD = {
     "non-numeric box": ("voc", lambda p: _voc(p, voc_xml("a.png", [voc_object("Car", (1, "x", 5, 5))])),
                         "1 objects without a numeric <bndbox> xmin/ymin/xmax/ymax (file object # Annotations/a.xml "
                         "object #0)"),
+    "empty class name": ("voc", lambda p: _voc(p, voc_xml("a.png", [voc_object("", (1, 1, 5, 5))])),
+                         "1 objects without a class <name> (file object # Annotations/a.xml object #0)"),
     "bad size": ("voc", lambda p: _voc(p, voc_xml("a.png", [], size=(-4, 48))),
                  "1 XML files without a valid <size> width/height (files Annotations/a.xml)"),
     "size mismatch": ("voc", lambda p: _voc(p, voc_xml("a.png", [], size=(640, 480))),

@@ -144,8 +144,9 @@ def test_bad_size_values_are_one_line(env, override, valid):
     r = runner.invoke(app, ["train", *TINY_TRAIN, *_shapes(env), override, f"paths.runs_dir={env / 'runs'}"])
     assert r.exit_code == 2, r.output
     lines = r.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and override.split("=")[0] in lines[-1] and valid in lines[-1]
-    assert "or auto" in lines[-1] and "Traceback" not in r.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and override.split("=")[0] in lines[0]
+    assert valid in lines[0] and "or auto" in lines[0] and "Traceback" not in r.output
+    assert not (env / "runs").exists()  # refused at composition: no run directory, no data touched
 
 
 def test_box_size_plot_draws_every_box_and_the_anchors(tmp_path):

@@ -1,6 +1,7 @@
 """`import_dataset`: VOC / YOLO / CSV sources written here -> a COCO dataset folder, checked against the pixels."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 from pycocotools.coco import COCO
@@ -332,3 +333,38 @@ def test_overlapping_yolo_splits_and_sources_without_objects(tmp_path):
     classes.write_text("Car\n")
     res = import_dataset("csv", csv, tmp_path / "out", classes=classes)
     assert [len(res.coco[s]["images"]) for s in ("train", "val")] == [1, 0]
+
+
+def test_an_annotations_folder_with_other_files_is_never_replaced(tmp_path):
+    """A folder where `convert-voc` wrote its JSON (or a CSV lives) is refused, --overwrite or not: the import
+    replaces annotations/ as a whole."""
+    src = make_voc(tmp_path / "src")
+    out = tmp_path / "out"
+    (out / "annotations").mkdir(parents=True)
+    (out / "annotations" / "instances_trainval.json").write_text("{}")
+    for overwrite in (False, True):
+        with pytest.raises(DatasetError, match="holds files an import did not write .instances_trainval.json"):
+            import_dataset("voc", src, out, overwrite=overwrite)
+    assert (out / "annotations" / "instances_trainval.json").read_text() == "{}"
+
+
+def test_a_failed_publish_puts_the_previous_import_back(tmp_path, monkeypatch):
+    src = make_voc(tmp_path / "src")
+    out = tmp_path / "out"
+    import_dataset("voc", src, out)
+    before = (out / "annotations" / "train.json").read_text()
+    links = sorted(p.name for p in (out / "images").rglob("*"))
+    real_replace = os.replace
+
+    def failing(a, b):  # moving the new annotations/ in fails, after images/ was swapped in
+        if str(a).endswith("annotations") and ".import-" in str(a) and "old" not in Path(a).parts:
+            raise OSError(28, "No space left on device")
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="No space left"):
+        import_dataset("voc", src, out, overwrite=True, val_fraction=0.5, seed=3)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (out / "annotations" / "train.json").read_text() == before
+    assert sorted(p.name for p in (out / "images").rglob("*")) == links
+    assert [p.name for p in out.iterdir() if p.name.startswith(".import-")] == []

@@ -14,6 +14,7 @@ class indices), else the class names found, sorted. Both splits carry the same l
 from __future__ import annotations
 
 import importlib
+import math
 import inspect
 import os
 import pkgutil
@@ -37,6 +38,15 @@ DEFAULT_VAL_FRACTION = 0.2
 def formats() -> list[str]:
     """The importable formats: the format modules of this package."""
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def parse_number(s: str | None) -> float | None:
+    """A finite number written as text, or None (empty, missing, not a number, inf/nan)."""
+    try:
+        v = float(s)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
 
 
 def is_image(name: str) -> bool:
@@ -206,7 +216,13 @@ def _option_names(module) -> set[str]:
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise DatasetError(f"--out {out} is a file; expected a folder (new or one made by iouctl data import)")
-    existing = [p for p in (out / ANNOTATIONS / "train.json", out / ANNOTATIONS / "val.json", out / IMAGES)
+    ours = ("train.json", "val.json")
+    if (out / ANNOTATIONS).is_dir():  # replaced as a whole: only what an import wrote may be in it
+        others = sorted(p.name for p in (out / ANNOTATIONS).iterdir() if p.name not in ours)
+        if others:
+            raise DatasetError(f"--out {out}: {out / ANNOTATIONS} holds files an import did not write ({others[0]}"
+                               f"{', ...' if len(others) > 1 else ''}); choose another --out")
+    existing = [p for p in (out / ANNOTATIONS / ours[0], out / ANNOTATIONS / ours[1], out / IMAGES)
                 if p.exists() or p.is_symlink()]
     if existing and not overwrite:
         raise DatasetError(f"output exists: {existing[0]}; pass --overwrite to replace {out}/{ANNOTATIONS} and "
@@ -253,10 +269,20 @@ def _publish(out: Path, coco: dict[str, dict], real: Sequence[str], names: Seque
         (stage / IMAGES).mkdir(exist_ok=True)  # no images at all still gives the folder data=coco expects
         old = stage / "old"
         old.mkdir()
-        for name in (IMAGES, ANNOTATIONS):  # images first: annotations never point at images not there yet
-            if (out / name).exists() or (out / name).is_symlink():
-                os.replace(out / name, old / name)
-            os.replace(stage / name, out / name)
+        moved, placed = [], []
+        try:
+            for name in (IMAGES, ANNOTATIONS):  # images first: annotations never point at images not there yet
+                if (out / name).exists() or (out / name).is_symlink():
+                    os.replace(out / name, old / name)
+                    moved.append(name)
+                os.replace(stage / name, out / name)
+                placed.append(name)
+        except BaseException:  # put back what was there (Ctrl-C included), then let the staging folder go
+            for name in placed:
+                os.replace(out / name, stage / f"new-{name}")
+            for name in moved:
+                os.replace(old / name, out / name)
+            raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)  # removes links, never what they point at
 

@@ -7,12 +7,11 @@ box, no +1): x = xmin, y = ymin, w = xmax - xmin, h = ymax - ymin. The source ha
 from __future__ import annotations
 
 import csv
-import math
 import os
 from pathlib import Path
 
 from iouctl.data.coco import DatasetError, ValidationReport
-from iouctl.data.importers import Box, Item, Source, problem_kinds
+from iouctl.data.importers import Box, Item, Source, parse_number, problem_kinds
 
 EXPECTED = ("a CSV file of rows image_path,xmin,ymin,xmax,ymax,label (header row optional; image_path,,,,, for an "
             "image without boxes)")
@@ -21,17 +20,9 @@ KINDS = problem_kinds("file:line", {
 })
 
 
-def _number(s: str) -> float | None:
-    try:
-        v = float(s)
-    except ValueError:
-        return None
-    return v if math.isfinite(v) else None
-
-
 def _is_header(row: list[str]) -> bool:
     cells = [c.strip() for c in row[1:5]]
-    return len(row) >= 5 and all(c and _number(c) is None for c in cells)
+    return len(row) >= 5 and all(c and parse_number(c) is None for c in cells)
 
 
 def read(source: Path, report: ValidationReport) -> Source:
@@ -55,7 +46,7 @@ def read(source: Path, report: ValidationReport) -> Source:
                     report.add("bad_row", where)
                     continue
                 path, label = cells[0], cells[5]
-                coords = [_number(c) for c in cells[1:5]]
+                coords = [parse_number(c) for c in cells[1:5]]
                 empty = not any(cells[1:])
                 if not empty and (any(c is None for c in coords) or not label):
                     report.add("bad_row", where)
