@@ -354,3 +354,25 @@ def test_null_image_size_is_accepted_without_a_crash(tmp_path):
     assert validate_coco(p).ok
 
 
+
+
+def test_auto_paths_follow_the_layout_of_the_annotation_file_found(tmp_path):
+    """`data import` keeps the source's relative paths under images/ (e.g. images/train/a.jpg with file_name
+    "train/a.jpg"): the image folder is the layout's (images), never a guessed images/train."""
+    root = tmp_path / "ds"
+    for split in ("train", "val"):
+        write_images(root / "images" / split)
+        d = base_coco()
+        for im in d["images"]:
+            im["file_name"] = f"{split}/{im['file_name']}"
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"{split}.json").write_text(json.dumps(d))
+    data = CocoData(str(root))
+    assert data.ann_file("train") == root / "annotations" / "train.json" and data.image_dir("val") == root / "images"
+    data.prepare()
+    assert len(data.dataset("train")) == 3
+    (root / "train2017").mkdir()  # a COCO-named folder beside it changes nothing: no instances_train2017.json
+    assert CocoData(str(root)).image_dir("train") == root / "images"
+    with pytest.raises(DatasetError, match="data.train_ann=auto: none of annotations/instances_train2017.json, "
+                                           "annotations/train.json exists"):
+        CocoData(str(tmp_path)).ann_file("train")

@@ -110,6 +110,16 @@ def test_a_coco_run_is_scored_against_its_own_data_everywhere(env):
     (f,) = _runs(env, "refine")
     assert str(data_dir) in (f / "config.yaml").read_text()
 
+    # the dataset moved: eval run=<t> data.root=<new place>, then refine run=<that eval> takes the eval's data
+    moved = env / "moved"
+    data_dir.rename(moved)
+    r = _invoke("eval", f"run={t}", f"data.root={moved}", runs)
+    assert r.exit_code == 0, r.output
+    e = max(_runs(env, "eval"))
+    r = _invoke("refine", f"run={e}", "refiner.iterations=1", runs)
+    assert r.exit_code == 0, r.output
+    assert str(moved) in (max(_runs(env, "refine")) / "config.yaml").read_text()
+
 
 def test_skip_bad_cleans_what_is_trained_and_what_is_scored(tmp_path):
     """A val split with a NaN box, a box on an image whose file is gone and an annotation of an unknown image:
