@@ -1,6 +1,8 @@
 """The only module that knows Hydra: compose a command's config from conf/ and turn Hydra's errors into one line."""
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -65,16 +67,29 @@ def compose(command: str, overrides: Sequence[str] = (), allow_missing: bool = F
             cfg = _resolved(cfg)
     except MissingConfigException as exc:
         raise ConfigError(_missing_option_message(exc)) from None
-    except OverrideParseException as exc:
-        bad = re.search(r"override '([^']*)'", str(exc))
-        raise ConfigError(f"cannot parse override {bad.group(1) if bad else ''!r}: use key=value, group=option, "
-                          f"+new_key=value or ~key") from None
+    except OverrideParseException:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        def parses(o: str) -> bool:
+            try:
+                OverridesParser.create().parse_overrides([o])
+            except OverrideParseException:
+                return False
+            return True
+
+        bad = next((o for o in overrides if not parses(o)), "")
+        key, eq, value = bad.partition("=")
+        example = f"{key}=\"{value}\"" if eq and key and (key + value).isprintable() else "key=\"a value\""
+        raise ConfigError(f"cannot parse override {bad!r}: use key=value, group=option, +new_key=value or ~key; "
+                          f"quote a value holding brackets, spaces or other special characters, e.g. '{example}' "
+                          f"(single quotes for the shell)") from None
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_composition_message(exc, command, overrides)) from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing and not allow_missing:
         raise ConfigError(f"missing required value(s) {', '.join(missing)}: give them as overrides, e.g. "
                           f"{missing[0]}=...")
+    check_values(cfg, command, overrides)
     return cfg
 
 
@@ -93,6 +108,150 @@ def _resolved(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+# --- valid values: what iouctl.schema declares with key() ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """A range as the schema writes it: "[1, inf)", "(0, 1]". NaN is in none."""
+
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "Interval":
+        m = re.fullmatch(r"([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])", text)
+        if not m:
+            raise ValueError(f"not an interval: {text!r}")
+        return cls(float(m.group(2)), float(m.group(3)), m.group(1) == "[", m.group(4) == "]")
+
+    def __contains__(self, x: float) -> bool:
+        above = self.low < x or (self.low_closed and x == self.low)
+        return above and (x < self.high or (self.high_closed and x == self.high))
+
+    def describe(self) -> str:
+        lo, hi = math.isfinite(self.low), math.isfinite(self.high)
+        if lo and hi:
+            left, right = "[" if self.low_closed else "(", "]" if self.high_closed else ")"
+            return f"in {left}{_num(self.low)}, {_num(self.high)}{right}"
+        if lo:
+            return f"{'>=' if self.low_closed else '>'} {_num(self.low)}"
+        if hi:
+            return f"{'<=' if self.high_closed else '<'} {_num(self.high)}"
+        return "any value"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _show(value: Any) -> str:
+    """A value as the user would type it in an override."""
+    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _choices(meta: dict) -> tuple:
+    if "group" in meta:
+        return tuple(o.replace("_", meta["sep"]) for o in group_options(meta["group"]))
+    return tuple(meta.get("choices", ()))
+
+
+def _valid_one(value: Any, meta: dict) -> bool:
+    """Whether one value (a scalar, or one entry of a list key) is valid."""
+    if value in meta.get("also", ()):
+        return True
+    choices = _choices(meta)
+    if choices:
+        return isinstance(value, str) and any(
+            value == c or (c.endswith(":N") and value.startswith(c[:-1]) and value[len(c) - 1:].isdigit())
+            for c in choices)
+    if "range" in meta:
+        return _is_number(value) and value in Interval.parse(meta["range"])
+    return True
+
+
+def _describe(meta: dict, integer: bool, optional: bool) -> str:
+    """What is valid, in words: "an integer >= 1", "a finite number in (0, 1]", "one of cls, iou, fused"."""
+    choices = _choices(meta)
+    if choices:
+        text = f"one of {', '.join(choices)}"
+    elif "range" in meta:
+        text = f"{'an integer' if integer else 'a finite number'} {Interval.parse(meta['range']).describe()}"
+    else:
+        text = "any value"
+    text += "".join(f" or {a}" for a in meta.get("also", ()))
+    return text + (" or null" if optional else "")
+
+
+def _entries(n: Interval) -> str:
+    count = n.describe().replace(">=", "at least") if n.low != n.high else f"exactly {_num(n.low)}"
+    return f"{count} {'entry' if n.low == n.high == 1 or count == 'at least 1' else 'entries'}"
+
+
+def check_values(cfg: DictConfig, command: str, overrides: Sequence[str] = ()) -> None:
+    """Hold every value of a composed config to what iouctl.schema declares: a key the schema does not have (added
+    with `+key=`), a value out of its range or choices, a broken cross-key rule is a ConfigError naming the key, the
+    value and what is valid. Values still missing (`???`) are skipped."""
+    _check_node(cfg, "", command, [o for o in overrides if _is_group_choice(o)])
+
+
+def _check_node(node: DictConfig, prefix: str, command: str, choices: list[str]) -> None:
+    typ = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(typ):
+        return
+    fields = {f.name: f for f in dataclasses.fields(typ)}
+    for name in node.keys():
+        if name not in fields:
+            raise ConfigError(_unknown_key_message(command, f"{prefix}{name}", choices))
+    for name, f in fields.items():
+        if name not in node or OmegaConf.is_missing(node, name):
+            continue
+        value = node[name]
+        if isinstance(value, DictConfig):
+            _check_node(value, f"{prefix}{name}.", command, choices)
+        elif f.metadata and value is not None:
+            integer = re.search(r"\bint\b", str(f.type)) is not None  # the annotation: int, List[int], Optional[int]
+            _check_value(f"{prefix}{name}", value, f.metadata, integer, optional=f.default is None)
+    for low, high, gap in getattr(typ, "ORDERED", ()):
+        a, b = node.get(low), node.get(high)
+        if _is_number(a) and _is_number(b) and not a + gap <= b:
+            rule = f"{prefix}{low}{f' + {gap}' if gap else ''} <= {prefix}{high}"
+            raise ConfigError(f"{prefix}{low}={_show(a)} and {prefix}{high}={_show(b)} are not valid together; "
+                              f"valid: {rule}")
+
+
+def _check_value(key: str, value: Any, meta: dict, integer: bool, optional: bool) -> None:
+    if not OmegaConf.is_list(value):
+        if not _valid_one(value, meta):
+            raise ConfigError(f"{key}={_show(value)} is not valid; valid: {_describe(meta, integer, optional)}")
+        return
+    items = list(value)
+    if "size" in meta and len(items) not in Interval.parse(meta["size"]):
+        raise ConfigError(f"{key}={_show(items)} is not valid; valid: {_entries(Interval.parse(meta['size']))}")
+    bad = [v for v in items if not _valid_one(v, meta)]
+    if bad:
+        raise ConfigError(f"{key}={_show(items)} is not valid (entry {_show(bad[0])}); valid: each entry "
+                          f"{_describe(meta, integer, False)}")
+    order = meta.get("order")
+    pairs = list(zip(items, items[1:]))
+    if order == "increasing" and not all(a < b for a, b in pairs):
+        raise ConfigError(f"{key}={_show(items)} is not valid; valid: increasing values")
+    if order == "nondecreasing" and not all(a <= b for a, b in pairs):
+        raise ConfigError(f"{key}={_show(items)} is not valid; valid: [min, max] with min <= max")
+
+
 def _missing_option_message(exc: Exception) -> str:
     m = re.search(r"Could not find '([^']+)/([^'/]+)'", str(exc))
     if m:
@@ -108,6 +267,18 @@ def _missing_option_message(exc: Exception) -> str:
 def _composition_message(exc: Exception, command: str, overrides: list[str]) -> str:
     text = str(exc)
     cause = exc.__cause__ or exc.__context__
+    m = re.search(r"In '(experiment)/([^']+)'.*?not in .*?full_key: (\S+)", text, re.S)
+    if m:  # an experiment file setting a key the chosen group option lacks (experiment=tiny with data=coco)
+        group, leaf = m.group(3).rpartition(".")[0].split(".")[0], m.group(3).split(".", 1)[-1]
+        has = [o for o in group_options(group) if leaf in (OmegaConf.load(CONF_DIR / group / f"{o}.yaml") or {})]
+        chosen = next((o.lstrip("+~") for o in overrides if o.partition("=")[0].lstrip("+~") == group),
+                      f"the chosen {group} option")
+        return (f"{m.group(1)}={m.group(2)} sets {m.group(3)}, which {chosen} does not have; that experiment is for"
+                f" {' or '.join(f'{group}={o}' for o in has) or 'another ' + group + ' option'}")
+    m = re.search(r"Could not append to config\. An item is already at '([^']+)'", text)
+    if m and _keys_at(command, m.group(1).rpartition(".")[0], []).count(m.group(1).rpartition(".")[2]):
+        given = next((o for o in overrides if o.split("=", 1)[0].lstrip("+") == m.group(1)), f"+{m.group(1)}=...")
+        return f"config key {m.group(1)!r} exists already: set it without '+', as {given.lstrip('+')}"
     m = re.search(r"Could not override '([^']+)'", text) or \
         re.search(r"Could not append to config\. An item is already at '([^']+)'", text)
     if m or (cause and "not in struct" in str(cause)) or "Key '" in text and "not in struct" in text:

@@ -77,6 +77,10 @@ class WandbLogger:
         self.tags, self.group, self.init_timeout = list(tags), group, float(init_timeout)
         self._run = None
         self.resolved_mode: str | None = None
+        self._step: int | None = None  # the wandb step of the pending row, its keys, and whether it has metrics
+        self._pending: set[str] = set()
+        self._pending_row = False
+        self._held: dict[str, Any] = {}  # plots and tables waiting for the next row
 
     def _resolve_mode(self) -> str:
         if self.mode != "auto":
@@ -110,24 +114,67 @@ class WandbLogger:
             mode = "offline"
             self._run = wandb.init(mode=mode, **kwargs)
         self.resolved_mode = mode
+        self._step, self._pending, self._pending_row, self._held = None, set(), False, {}
+
+    # wandb keeps one pending history row per step and drops any row whose step is below the current one; a row
+    # logged without a step commits the pending row and moves on. So every call here names its step explicitly and
+    # never commits: the row is written when a later step arrives or at finish, and nothing can land behind it.
+    # Plots and tables are held until the next row and logged at its step: iouctl logs a plot just before the row of
+    # numbers it belongs to (evaluation, refinement).
+    def _step_for(self, keys: set[str], step: int | None, row: bool) -> int:
+        """The wandb step for `keys`: the row's own step when it is ahead, else the pending step when nothing there
+        would be overwritten, else the next step (a row without a step is a row of its own, as in wandb's default)."""
+        if self._step is None:
+            target = 0 if step is None else int(step)
+        elif step is not None and int(step) > self._step:
+            target = int(step)
+        elif keys & self._pending or (step is None and row and self._pending_row):
+            target = self._step + 1
+        else:
+            target = self._step
+        if target != self._step:
+            self._step, self._pending, self._pending_row = target, set(), False
+        self._pending |= keys
+        self._pending_row |= row
+        return target
+
+    def _send(self, data: dict[str, Any], step: int | None, row: bool) -> None:
+        self._run.log(data, step=self._step_for(set(data), step, row), commit=False)
+
+    def _release(self) -> None:
+        """Log the held plots and tables on their own, at the pending step unless that would overwrite a key."""
+        if self._held:
+            self._send(self._held, None, row=False)
+            self._held = {}
+
+    def _hold(self, media: dict[str, Any]) -> None:
+        if media.keys() & self._held.keys():  # a second plot of the same name: the first goes out alone
+            self._release()
+        self._held.update(media)
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if self._run is not None:
-            self._run.log(metrics, step=step)
+            # 0-d tensors and numpy scalars as Python numbers, as metrics.jsonl has them (NaN stays NaN here)
+            row = {k: v.item() if hasattr(v, "item") and getattr(v, "ndim", 0) == 0 else v for k, v in metrics.items()}
+            if row.keys() & self._held.keys():
+                self._release()
+            data, self._held = {**self._held, **row}, {}
+            self._send(data, step, row=True)
 
     def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         if self._run is not None:
             import wandb
 
-            self._run.log({name: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+            self._hold({name: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
 
     def log_image(self, name: str, path: Path) -> None:
         if self._run is not None:
             import wandb
 
-            self._run.log({name: wandb.Image(str(path))})
+            self._hold({name: wandb.Image(str(path))})
 
     def finish(self, status: str) -> None:
         if self._run is not None:
+            self._release()
             self._run.finish(exit_code=0 if status == "COMPLETED" else 1)
             self._run = None

@@ -2,9 +2,9 @@
 
 runs/<command>/<YYYY-mm-dd_HH-MM-SS>_<name>/
     config.yaml      the resolved config            overrides.yaml  the command-line overrides
-    meta.json        argv, git sha + dirty flag, versions, host, times
+    meta.json        argv, git sha + dirty flag, versions, host, pid (+ its start), times, resumed_from
     log              everything printed, plus tracebacks
-    status           RUNNING -> COMPLETED | FAILED | INTERRUPTED
+    status           RUNNING -> COMPLETED | FAILED | INTERRUPTED (run_state: a RUNNING whose process is gone: KILLED)
     metrics.jsonl    one JSON object per logged row (the source of truth; loggers mirror it)
 """
 from __future__ import annotations
@@ -93,6 +93,7 @@ def collect_meta(command: str, name: str) -> dict[str, Any]:
         "platform": platform.platform(),
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "pid_started": process_start(os.getpid()),
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
     }
     try:
@@ -157,6 +158,11 @@ class Run:
         if status not in STATUSES:
             raise ValueError(f"status {status!r}; valid: {STATUSES}")
         atomic_write(self.dir / "status", status + "\n")
+
+    def update_meta(self, **fields: Any) -> None:
+        """Add fields to meta.json (e.g. resumed_from); the closing status and times are added to them."""
+        meta_path = self.dir / "meta.json"
+        atomic_write_json(meta_path, {**json.loads(meta_path.read_text()), **_json_safe(fields)})
 
     # metrics ---------------------------------------------------------------------------------------------------
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
@@ -226,8 +232,8 @@ def new_run_dir(runs_dir: Path, command: str, name: str) -> Path:
     raise RuntimeError(f"could not create a new run directory under {parent}")
 
 
-class _Terminated(BaseException):
-    """SIGTERM turned into an exception so the run closes as INTERRUPTED."""
+class Terminated(BaseException):
+    """SIGTERM turned into an exception so the run closes as INTERRUPTED (the CLI prints one line for it)."""
 
 
 @contextmanager
@@ -253,7 +259,7 @@ def open_run(
     tee.write_log(f"iouctl {command} -> {d}\nargv: {' '.join(sys.argv)}")
 
     def on_term(signum, frame):  # noqa: ARG001
-        raise _Terminated()
+        raise Terminated()
 
     old_term = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
     status = "FAILED"
@@ -261,7 +267,7 @@ def open_run(
         logger.start(d, f"{command}/{d.name}", config or {})
         yield run
         status = "COMPLETED"
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, Terminated):
         status = "INTERRUPTED"
         tee.write_log("interrupted by the user (Ctrl-C / SIGTERM)")
         raise
@@ -302,7 +308,232 @@ def _null_logger():
 
 
 def read_status(run_dir: Path) -> str:
+    """The status file as written (a killed process leaves RUNNING there: see :func:`run_state`)."""
     return (Path(run_dir) / "status").read_text().strip()
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/<pid>/stat (state first), None when there is no such entry."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    return stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces and ')'
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started: boot id + start time in clock ticks since boot (Linux /proc), so that a reused
+    pid, or the same pid after a reboot, is not taken for the run's process. None where /proc cannot tell."""
+    fields = _proc_stat(pid)
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    return f"{boot}:{fields[19]}" if fields is not None else None  # stat field 22
+
+
+def process_alive(pid: int, started: str | None) -> bool | None:
+    """Whether process `pid`, started as `process_start` recorded (None: unrecorded), runs on this host; None when
+    this system cannot tell."""
+    fields = _proc_stat(pid)
+    if fields is not None:
+        return fields[0] != "Z" and (started is None or process_start(pid) == started)  # Z: exited, not yet reaped
+    if Path("/proc/self/stat").is_file():  # /proc answers, and has no such process
+        return False
+    if os.name != "posix":  # os.kill(pid, 0) would terminate it on Windows
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
+
+
+def _read_meta(run_dir: Path) -> dict:
+    try:
+        meta = json.loads((Path(run_dir) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def run_state(run_dir: str | Path, meta: dict | None = None) -> str:
+    """The run's real state: its status file, except that a RUNNING run whose process is gone (SIGKILL, out of
+    memory, a reboot) is KILLED, and one started on another host, or on a system that cannot tell, is RUNNING?.
+    A folder without a status file is UNKNOWN."""
+    try:
+        status = read_status(Path(run_dir))
+    except OSError:
+        return "UNKNOWN"
+    if status != "RUNNING":
+        return status
+    meta = _read_meta(Path(run_dir)) if meta is None else meta
+    pid = meta.get("pid")
+    if meta.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return "RUNNING?"
+    alive = process_alive(pid, meta.get("pid_started"))
+    return "RUNNING?" if alive is None else "RUNNING" if alive else "KILLED"
+
+
+def refuse_if_running(run_dir: Path) -> None:
+    """One line (IouctlError) when the run's process is still alive: two processes would train the same run."""
+    from iouctl.errors import IouctlError
+
+    if run_state(run_dir) == "RUNNING":
+        raise IouctlError(f"run {run_dir} is still running (pid {_read_meta(run_dir).get('pid')}); stop it before "
+                          "resuming it")
+
+
+def _epoch(iso: Any) -> float | None:
+    try:
+        return _dt.datetime.fromisoformat(str(iso)).timestamp()
+    except ValueError:
+        return None
+
+
+def headline_metric(run_dir: Path) -> tuple[str, float] | None:
+    """("val/AP", value) of the run's final evaluation (eval_val.json), else of the last val/AP row in metrics.jsonl
+    (a run killed after an evaluation); None when the run evaluated nothing."""
+    try:
+        ap = json.loads((run_dir / "eval_val.json").read_text())["metrics"]["AP"]
+        if isinstance(ap, (int, float)):
+            return "val/AP", float(ap)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    last = None
+    try:
+        with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
+            for line in f:  # train logs every iteration: parse only the evaluation rows
+                if '"val/AP"' in line:
+                    last = line
+        ap = json.loads(last)["val/AP"] if last else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return ("val/AP", float(ap)) if isinstance(ap, (int, float)) else None
+
+
+def list_runs(runs_dir: str | Path, commands: Sequence[str] | None = None, limit: int | None = None) -> list[dict]:
+    """The runs under `runs_dir` (of `commands`, default every command), newest first, at most `limit`. Each:
+    {"dir", "command", "name", "state" (:func:`run_state`), "started" (ISO time), "duration_s" (to its end; to its
+    last write when killed; to now while running), "metric" ((name, value) or None), "resumed_from", "resumed_by"
+    (the runs that continued it)}."""
+    base = Path(runs_dir).expanduser()
+    if commands is None:
+        commands = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    dirs = [d for c in commands if (base / c).is_dir() for d in (base / c).iterdir()
+            if (d / "meta.json").is_file() or (d / "status").is_file()]  # run folders, not whatever else is there
+    dirs.sort(key=lambda d: (d.name, d.parent.name), reverse=True)  # folder names start with the start time
+    metas = {d: _read_meta(d) for d in dirs}
+    resumed_by: dict[str, list[str]] = {}
+    for d, meta in metas.items():
+        if meta.get("resumed_from"):
+            resumed_by.setdefault(str(Path(meta["resumed_from"]).resolve()), []).append(str(d))
+    out = []
+    for d in dirs[:limit]:
+        meta = metas[d]
+        state = run_state(d, meta)
+        started = _epoch(meta.get("started"))
+        duration = meta.get("duration_s")
+        if duration is None and started is not None:
+            if state.startswith("RUNNING"):
+                duration = time.time() - started
+            elif state == "KILLED":
+                ends = [p.stat().st_mtime for p in (d / "log", d / "metrics.jsonl", d / "status") if p.is_file()]
+                duration = max(ends) - started if ends else None
+        out.append({"dir": d, "command": meta.get("command", d.parent.name), "name": meta.get("name", ""),
+                    "state": state, "started": meta.get("started"), "duration_s": duration,
+                    "metric": headline_metric(d), "resumed_from": meta.get("resumed_from"),
+                    "resumed_by": resumed_by.get(str(d.resolve()), [])})
+    return out
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def runs_table(runs: Sequence[dict]) -> Any:
+    """A rich Table of :func:`list_runs` records (user text shown literally, never as markup)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    styles = {"COMPLETED": "green", "FAILED": "red", "KILLED": "red", "INTERRUPTED": "yellow", "RUNNING": "cyan"}
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("run", "command", "name", "state", "started", "duration", "AP"):
+        table.add_column(col, justify="right" if col in ("duration", "AP") else "left",
+                         overflow="fold" if col == "run" else "ellipsis")
+    for r in runs:
+        state = r["state"] + "".join(f", resumed in {Path(x).name}" for x in r["resumed_by"])
+        metric = "-" if r["metric"] is None or r["metric"][1] < 0 else f"{100 * r['metric'][1]:.1f}"  # -1: no GT
+        table.add_row(Text(str(r["dir"])), Text(str(r["command"])), Text(str(r["name"])),
+                      Text(state, style=styles.get(r["state"], "")), Text(str(r["started"] or "-").replace("T", " ")),
+                      _duration(r["duration_s"]), metric)
+    return table
+
+
+def _flatten(d: Any, prefix: str) -> dict[str, Any]:
+    """{"a.b": leaf} for a nested dict under `prefix` (lists and empty dicts are leaves)."""
+    if not isinstance(d, dict) or not d:
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}"))
+    return out
+
+
+def config_differences(wanted: dict, recorded: dict, keys: Sequence[str], ignore: Sequence[str] = ()) -> list[str]:
+    """The dotted keys under `keys` where a run's recorded config differs from `wanted`; `ignore`d keys (and those
+    under them) are not compared, and `auto` in `wanted` matches the value the run derived from it."""
+    want = {k: v for key in keys for k, v in _flatten(wanted.get(key), key).items()}
+    have = {k: v for key in keys for k, v in _flatten(recorded.get(key), key).items()}
+    absent = object()
+    out = []
+    for k in sorted(set(want) | set(have)):
+        if any(k == i or k.startswith(i + ".") for i in ignore):
+            continue
+        w, h = want.get(k, absent), have.get(k, absent)
+        if w != h and not (w == "auto" and h is not absent):
+            out.append(k)
+    return out
+
+
+def find_resume_run(runs_dir: str | Path, command: str, relpath: str, wanted: dict, keys: Sequence[str],
+                    ignore: Sequence[str] = ()) -> Path:
+    """The newest run of `command` holding `relpath` whose config.yaml matches `wanted` at `keys`
+    (:func:`config_differences`). One line (IouctlError) naming the nearest candidates and what differs when none
+    matches, or when the match is still running."""
+    import yaml
+
+    from iouctl.errors import IouctlError
+
+    base = Path(runs_dir).expanduser() / command
+    found = sorted((d for d in base.iterdir() if (d / relpath).is_file()), key=lambda d: d.name, reverse=True) \
+        if base.is_dir() else []
+    if not found:
+        raise IouctlError(f"resume=true: no {command} run under {runs_dir} has {relpath}; pass run=<dir>")
+    misses = []
+    for d in found:
+        try:
+            recorded = yaml.safe_load((d / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            misses.append((d, ["config.yaml unreadable"]))
+            continue
+        diff = config_differences(wanted, recorded if isinstance(recorded, dict) else {}, keys, ignore)
+        if not diff:
+            refuse_if_running(d)
+            return d
+        misses.append((d, diff))
+    shown = "; ".join(f"{d} (differs in {', '.join(diff[:3])}{', ...' if len(diff) > 3 else ''})"
+                      for d, diff in misses[:5])
+    more = f"; and {len(misses) - 5} more" if len(misses) > 5 else ""
+    raise IouctlError(f"resume=true: no {command} run under {runs_dir} has this run's {', '.join(keys)}; pass "
+                      f"run=<dir> to resume one of: {shown}{more}")
 
 
 def latest_run(runs_dir: str | Path, commands: Sequence[str], status: str | None = "COMPLETED",

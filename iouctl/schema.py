@@ -1,15 +1,61 @@
-"""Config schemas: the type of every key in conf/. Values live in the YAML files; these only say what is allowed.
+"""Config schemas: the type and the valid values of every key in conf/. Values live in the YAML files; these only say
+what is allowed.
 
 Each YAML option starts its defaults list with its schema (`- /schema/<group>/<name>@_here_`), so Hydra rejects a
 mistyped value (`optim.lr=abc`) or an unknown key (`optim.lrr=0.1`) at composition time. Plain dataclasses: the
-registration with Hydra's ConfigStore happens in iouctl.config, the only module that knows Hydra.
+registration with Hydra's ConfigStore happens in iouctl.config, the only module that knows Hydra, which also checks
+every composed value against what `key()` declares here (iouctl.config.check_values), before anything runs.
+
+Valid values are data, in each field's metadata:
+- range: an interval written as it is printed, "[1, inf)", "(0, 1]"; for a list, every entry. A float is also finite
+  (NaN is never valid; inf only where the interval includes it). null is valid only for Optional keys.
+- choices: the valid strings ("cuda:N" stands for cuda:0, cuda:1, ...); for a list, every entry.
+- group: the choices are the option files of conf/<group>/, with `_` spelled `sep` (never kept twice).
+- also: literal values valid besides the range (roi_sizes: "mixed").
+- size: an interval for a list's length; order: "increasing" (strictly) or "nondecreasing" entries.
+A class's ORDERED lists cross-key rules (low, high, gap): low + gap <= high.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, ClassVar, List, Optional
 
 from omegaconf import MISSING
+
+
+def key(range: Optional[str] = None, *, default: Any = MISSING, choices: tuple = (), group: Optional[str] = None,
+        sep: str = "_", also: tuple = (), size: Optional[str] = None, order: Optional[str] = None) -> Any:
+    """A dataclass field whose metadata declares its valid values (see the module docstring)."""
+    meta = {k: v for k, v in (("range", range), ("choices", choices), ("group", group), ("also", also),
+                               ("size", size), ("order", order)) if v}
+    if group:
+        meta["sep"] = sep
+    return field(default=default, metadata=meta)
+
+
+# The enums below are also the constants of the modules that use them (a test holds them equal): those modules import
+# torch, which composition must not wait for.
+BACKBONES = ("small", "resnet18", "resnet50")
+HEAD_NORMS = ("none", "group")
+IOU_SUPERVISION = ("positives", "overlapping")
+IOU_LOSSES = ("smooth_l1", "bce")
+SCORES = ("cls", "iou", "fused")
+SOFT_METHODS = ("linear", "gaussian")
+REPORT_SCORES = ("cls", "cluster", "cls_times_iou")
+LOGGER_MODES = ("auto", "online", "offline", "disabled")
+EVAL_BACKENDS = ("faster-coco-eval", "pycocotools")
+CHECK_IMAGES = ("none", "val", "all")
+SPLITS = ("train", "val")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+BENCH_IMPLS = ("all", "prroi", "prroi_reference", "roi_align", "roi_align_adaptive", "roi_pool")
+BENCH_DEVICES = ("auto", "cpu", "cuda")
+DEMO_STEPS = ("data", "train", "nms-ablate", "refine", "bench-pool")
+
+SEED = "[0, 4294967295]"  # numpy's generators take seeds below 2**32
+POSITIVE = "(0, inf)"
+AT_LEAST_0 = "[0, inf)"
+AT_LEAST_1 = "[1, inf)"
+PROBABILITY = "[0, 1]"
 
 # --- groups ------------------------------------------------------------------------------------------------------
 
@@ -22,20 +68,23 @@ class Paths:
 
 @dataclass
 class ShapesData:
+    ORDERED: ClassVar[tuple] = (("min_objects", "max_objects", 0), ("min_size", "max_size", 0),
+                                ("max_size", "image_size", 2))  # objects keep a 1-pixel margin
     _target_: str = MISSING
     cache_dir: str = MISSING
-    seed: int = MISSING
-    num_train: int = MISSING
-    num_val: int = MISSING
-    image_size: int = MISSING
-    min_objects: int = MISSING
-    max_objects: int = MISSING
-    min_size: float = MISSING
-    max_size: float = MISSING
-    classes: List[str] = MISSING
-    cluster_prob: float = MISSING
-    min_visible: float = MISSING
-    noise: float = MISSING
+    seed: int = key(SEED)
+    num_train: int = key(AT_LEAST_1)
+    num_val: int = key(AT_LEAST_1)
+    image_size: int = key("[8, 4096]")
+    min_objects: int = key(AT_LEAST_0)
+    max_objects: int = key(AT_LEAST_0)
+    min_size: float = key("[4, inf)")
+    max_size: float = key("[4, inf)")
+    classes: List[str] = key(choices=("circle", "square", "triangle", "cross", "ellipse", "star", "ring", "hexagon"),
+                             size=AT_LEAST_1)
+    cluster_prob: float = key(PROBABILITY)
+    min_visible: float = key("(0, 1]")
+    noise: float = key(PROBABILITY)
     texture: bool = MISSING
 
 
@@ -48,14 +97,15 @@ class CocoData:
     train_images: str = MISSING
     val_images: str = MISSING
     skip_bad: bool = MISSING
-    check_images: str = "val"  # none | val | all
-    workers: int = 2
+    check_images: str = key(choices=CHECK_IMAGES, default="val")
+    workers: int = key(AT_LEAST_1, default=2)
+    allow_outside: bool = False  # read image file_names that lead outside the image folder
 
 
 @dataclass
 class _Detector:
     _target_: str = MISSING
-    backbone: str = MISSING  # small | resnet18 | resnet50
+    backbone: str = key(choices=BACKBONES)
     pretrained: Optional[str] = None  # a local ImageNet weights file; never downloaded
     init_from: Optional[str] = None  # a local torchvision detector state_dict (iouctl.models.init_from)
     # int / List[int], or auto: derived from the training split (iouctl.engine.sizes, which also checks the values;
@@ -63,94 +113,96 @@ class _Detector:
     min_size: Any = MISSING
     max_size: Any = MISSING
     anchor_sizes: Any = MISSING
-    aspect_ratios: List[float] = MISSING
-    detections_per_img: int = MISSING
+    aspect_ratios: List[float] = key(POSITIVE, size=AT_LEAST_1)
+    detections_per_img: int = key(AT_LEAST_1)
     iou_head: bool = MISSING
-    iou_loss_weight: float = MISSING
+    iou_loss_weight: float = key(AT_LEAST_0)
 
 
 @dataclass
 class RetinaModel(_Detector):
-    score_thresh: float = MISSING
-    topk_candidates: int = MISSING
-    cls_weight: float = MISSING  # a in cls^a * IoU^(1-a)
+    score_thresh: float = key("[0, 1)")
+    topk_candidates: int = key(AT_LEAST_1)
+    cls_weight: float = key(PROBABILITY)  # a in cls^a * IoU^(1-a)
     detach_iou_target: bool = MISSING
-    head_norm: str = "none"  # none (the paper's heads) | group (GroupNorm in the towers, torchvision's v2)
-    iou_supervision: str = "positives"  # positives (the paper) | overlapping (also non-positive anchors whose box hits a GT)
+    # none (the paper's heads) | group (GroupNorm in the towers, torchvision's v2)
+    head_norm: str = key(choices=HEAD_NORMS, default="none")
+    # positives (the paper) | overlapping (also non-positive anchors whose box hits a GT)
+    iou_supervision: str = key(choices=IOU_SUPERVISION, default="positives")
 
 
 @dataclass
 class RCNNModel(_Detector):
-    box_score_thresh: float = MISSING
-    iou_loss: str = MISSING  # smooth_l1 | bce
-    jitter_per_gt: int = MISSING
-    iou_bins: int = MISSING
+    box_score_thresh: float = key("[0, 1)")
+    iou_loss: str = key(choices=IOU_LOSSES)
+    jitter_per_gt: int = key(AT_LEAST_1)
+    iou_bins: int = key(AT_LEAST_1)
 
 
 @dataclass
 class PrRoIPool:
     _target_: str = MISSING
-    output_size: int = MISSING
-    spatial_scale: float = MISSING
+    output_size: int = key(AT_LEAST_1)
+    spatial_scale: float = key(POSITIVE)
 
 
 @dataclass
 class RoIAlign:
     _target_: str = MISSING
-    output_size: int = MISSING
-    spatial_scale: float = MISSING
-    sampling_ratio: int = MISSING
+    output_size: int = key(AT_LEAST_1)
+    spatial_scale: float = key(POSITIVE)
+    sampling_ratio: int = key("[-1, inf)")  # <= 0: adaptive (torchvision)
     aligned: bool = MISSING
 
 
 @dataclass
 class GreedyNMS:
     _target_: str = MISSING
-    iou_threshold: float = MISSING
-    score: str = MISSING  # cls | iou | fused: the ranking score
-    cls_weight: float = MISSING
-    max_per_image: int = MISSING
+    iou_threshold: float = key(PROBABILITY)
+    score: str = key(choices=SCORES)  # the ranking score
+    cls_weight: float = key(PROBABILITY)
+    max_per_image: int = key(AT_LEAST_1)
 
 
 @dataclass
 class IoUGuidedNMS:
     _target_: str = MISSING
-    iou_threshold: float = MISSING
-    max_per_image: int = MISSING
+    iou_threshold: float = key(PROBABILITY)
+    max_per_image: int = key(AT_LEAST_1)
 
 
 @dataclass
 class SoftNMS:
     _target_: str = MISSING
-    method: str = MISSING  # linear | gaussian
-    sigma: float = MISSING
-    iou_threshold: float = MISSING
-    score_threshold: float = MISSING
-    score: str = MISSING
-    cls_weight: float = MISSING
-    max_per_image: int = MISSING
+    method: str = key(choices=SOFT_METHODS)
+    sigma: float = key(POSITIVE)
+    iou_threshold: float = key(PROBABILITY)
+    score_threshold: float = key("[0, 1)")  # scores are in [0, 1]: a threshold of 1 would drop every box
+    score: str = key(choices=SCORES)
+    cls_weight: float = key(PROBABILITY)
+    max_per_image: int = key(AT_LEAST_1)
 
 
 @dataclass
 class IoURefiner:
     _target_: str = MISSING
-    step: float = MISSING  # lambda of IoU-Net Alg. 2
-    omega1: float = MISSING
-    omega2: float = MISSING
-    iterations: int = MISSING
-    top_k: int = MISSING
+    step: float = key(POSITIVE)  # lambda of IoU-Net Alg. 2
+    omega1: float = key(AT_LEAST_0)
+    omega2: float = key("(-inf, 0]")
+    iterations: int = key(AT_LEAST_1)
+    top_k: int = key(AT_LEAST_1)
     revert_on_degrade: bool = MISSING
-    step_decay: float = MISSING
-    report_score: str = MISSING  # cls | cluster | cls_times_iou
+    step_decay: float = key("(0, 1]")
+    report_score: str = key(choices=REPORT_SCORES)
 
 
 @dataclass
 class SGD:
     _target_: str = MISSING
     _partial_: bool = True
-    lr: float = MISSING
-    momentum: float = MISSING
-    weight_decay: float = MISSING
+    lr: float = key(POSITIVE)
+    momentum: float = key("[0, 1)")
+    weight_decay: float = key(AT_LEAST_0)
     nesterov: bool = MISSING
 
 
@@ -158,9 +210,9 @@ class SGD:
 class AdamW:
     _target_: str = MISSING
     _partial_: bool = True
-    lr: float = MISSING
-    betas: List[float] = MISSING
-    weight_decay: float = MISSING
+    lr: float = key(POSITIVE)
+    betas: List[float] = key("[0, 1)", size="[2, 2]")
+    weight_decay: float = key(AT_LEAST_0)
 
 
 @dataclass
@@ -171,17 +223,19 @@ class MirrorPairs:
 @dataclass
 class RandomAugment:
     _target_: str = MISSING
-    crop_prob: float = MISSING
-    crop_scale: List[float] = MISSING  # [min, max] fraction of the image area
-    crop_aspect: List[float] = MISSING  # [min, max] factor on the image's aspect ratio
-    min_visible: float = MISSING
-    min_box_size: float = MISSING
-    hflip: float = MISSING
-    vflip: float = MISSING
-    brightness: float = MISSING
-    contrast: float = MISSING
-    saturation: float = MISSING
-    hue: float = MISSING
+    crop_prob: float = key(PROBABILITY)
+    # [min, max] fraction of the image area
+    crop_scale: List[float] = key("(0, 1]", size="[2, 2]", order="nondecreasing")
+    # [min, max] factor on the image's aspect ratio
+    crop_aspect: List[float] = key(POSITIVE, size="[2, 2]", order="nondecreasing")
+    min_visible: float = key(PROBABILITY)
+    min_box_size: float = key(AT_LEAST_1)  # SanitizeBoundingBoxes' own limit
+    hflip: float = key(PROBABILITY)
+    vflip: float = key(PROBABILITY)
+    brightness: float = key(AT_LEAST_0)
+    contrast: float = key(AT_LEAST_0)
+    saturation: float = key(AT_LEAST_0)
+    hue: float = key("[0, 0.5]")
 
 
 @dataclass
@@ -194,10 +248,10 @@ class WandbLogger:
     _target_: str = MISSING
     project: str = MISSING
     entity: Optional[str] = None
-    mode: str = MISSING  # auto | online | offline | disabled
+    mode: str = key(choices=LOGGER_MODES)
     tags: List[str] = field(default_factory=list)
     group: Optional[str] = None
-    init_timeout: float = MISSING
+    init_timeout: float = key(POSITIVE)
 
 
 # --- primary configs (one per command) ------------------------------------------------------------------------------
@@ -206,100 +260,101 @@ class WandbLogger:
 @dataclass
 class _Command:
     name: str = MISSING
-    seed: int = MISSING
+    seed: int = key(SEED)
     paths: Any = MISSING
     logger: Any = MISSING
 
 
 @dataclass
 class Schedule:
-    max_iters: int = MISSING
-    warmup_iters: int = MISSING
-    warmup_factor: float = MISSING
-    lr_steps: List[int] = MISSING
-    gamma: float = MISSING
+    max_iters: int = key(AT_LEAST_1)
+    warmup_iters: int = key(AT_LEAST_0)
+    warmup_factor: float = key("(0, 1]")  # the learning rate starts at lr * warmup_factor
+    # a step at or after max_iters never applies (a short run of a long recipe): allowed
+    lr_steps: List[int] = key(AT_LEAST_1, order="increasing")
+    gamma: float = key("(0, 1]")
 
 
 @dataclass
 class Train(_Command):
-    device: str = MISSING
+    device: str = key(choices=DEVICES)
     data: Any = MISSING
     model: Any = MISSING
     pool: Any = MISSING
     optim: Any = MISSING
     nms: Any = MISSING
     schedule: Schedule = MISSING
-    batch_size: int = MISSING
-    num_workers: int = MISSING
-    eval_every: int = MISSING
-    checkpoint_every: int = MISSING
+    batch_size: int = key(AT_LEAST_1)
+    num_workers: int = key(AT_LEAST_0)
+    eval_every: int = key(AT_LEAST_1)
+    checkpoint_every: int = key(AT_LEAST_1)
     amp: bool = MISSING
     augment: Any = None  # None: augment=none
-    clip_grad_norm: Optional[float] = None
+    clip_grad_norm: Optional[float] = key(POSITIVE, default=None)  # null: no clipping
     resume: bool = MISSING
     run: Optional[str] = None
-    eval_backend: str = MISSING
+    eval_backend: str = key(choices=EVAL_BACKENDS)
 
 
 @dataclass
 class Eval(_Command):
-    device: str = MISSING
+    device: str = key(choices=DEVICES)
     run: Optional[str] = None
     checkpoint: Optional[str] = None
-    split: str = MISSING
-    batch_size: int = MISSING
-    num_workers: int = MISSING
+    split: str = key(choices=SPLITS)
+    batch_size: int = key(AT_LEAST_1)
+    num_workers: int = key(AT_LEAST_0)
     data: Any = MISSING
     model: Any = MISSING
     pool: Any = MISSING
     nms: Any = MISSING
-    eval_backend: str = MISSING
+    eval_backend: str = key(choices=EVAL_BACKENDS)
 
 
 @dataclass
 class NmsAblate(_Command):
     run: Optional[str] = None
     synthetic: bool = MISSING
-    split: str = MISSING
+    split: str = key(choices=SPLITS)
     data: Any = MISSING
     nms: Any = MISSING
-    scores: List[str] = MISSING
-    methods: List[str] = MISSING
-    iou_thresholds: List[float] = MISSING
-    cls_weight: float = MISSING
-    soft_sigma: float = MISSING
-    soft_score_threshold: float = MISSING
-    max_per_image: int = MISSING
-    eval_backend: str = MISSING
+    scores: List[str] = key(choices=SCORES, size=AT_LEAST_1)
+    methods: List[str] = key(group="nms", sep="-", size=AT_LEAST_1)  # the nms options, iou_guided as iou-guided
+    iou_thresholds: List[float] = key(PROBABILITY, size=AT_LEAST_1)
+    cls_weight: float = key(PROBABILITY)
+    soft_sigma: float = key(POSITIVE)
+    soft_score_threshold: float = key("[0, 1)")
+    max_per_image: int = key(AT_LEAST_1)
+    eval_backend: str = key(choices=EVAL_BACKENDS)
 
 
 @dataclass
 class Refine(_Command):
-    device: str = MISSING
+    device: str = key(choices=DEVICES)
     run: Optional[str] = None
-    split: str = MISSING
-    batch_size: int = MISSING
-    num_workers: int = MISSING
+    split: str = key(choices=SPLITS)
+    batch_size: int = key(AT_LEAST_1)
+    num_workers: int = key(AT_LEAST_0)
     data: Any = MISSING
     model: Any = MISSING
     pool: Any = MISSING
     nms: Any = MISSING
     refiner: Any = None
-    eval_backend: str = MISSING
+    eval_backend: str = key(choices=EVAL_BACKENDS)
 
 
 @dataclass
 class BenchPool(_Command):
-    impls: List[str] = MISSING
-    devices: List[str] = MISSING
-    feature_shape: List[int] = MISSING
-    stride: int = MISSING
-    output_size: int = MISSING
-    num_rois: List[int] = MISSING
-    roi_sizes: List[Any] = MISSING  # numbers (side in image pixels) or "mixed"
-    repeats: int = MISSING
-    warmup: int = MISSING
-    threads: Optional[int] = None
+    impls: List[str] = key(choices=BENCH_IMPLS, size=AT_LEAST_1)
+    devices: List[str] = key(choices=BENCH_DEVICES, size=AT_LEAST_1)
+    feature_shape: List[int] = key(AT_LEAST_1, size="[4, 4]")  # N, C, H, W
+    stride: int = key(AT_LEAST_1)
+    output_size: int = key(AT_LEAST_1)
+    num_rois: List[int] = key(AT_LEAST_1, size=AT_LEAST_1)
+    roi_sizes: List[Any] = key(POSITIVE, also=("mixed",), size=AT_LEAST_1)  # side in image pixels, or "mixed"
+    repeats: int = key(AT_LEAST_1)
+    warmup: int = key(AT_LEAST_0)
+    threads: Optional[int] = key(AT_LEAST_1, default=None)  # null: torch's default
 
 
 @dataclass
@@ -311,7 +366,7 @@ class Data(_Command):
 @dataclass
 class Demo(_Command):
     data: Any = MISSING
-    steps: List[str] = MISSING
+    steps: List[str] = key(choices=DEMO_STEPS, size=AT_LEAST_1)
     train_overrides: List[str] = MISSING
     nms_ablate_overrides: List[str] = MISSING
     refine_overrides: List[str] = MISSING

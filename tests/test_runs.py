@@ -56,6 +56,27 @@ def test_keyboard_interrupt_marks_interrupted(tmp_path):
     assert read_status(d) == "INTERRUPTED"
 
 
+def test_files_get_the_users_umask_like_the_log(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        with _open(tmp_path) as run:
+            run.write_json("x.json", {"v": 1})
+            run.write_text("kept.md", "a")
+            (run.dir / "kept.md").chmod(0o600)
+            run.write_text("kept.md", "b")  # a replaced file keeps the mode it has, as editors do
+            d = run.dir
+    finally:
+        os.umask(old)
+    mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in d.iterdir() if p.is_file()}
+    assert mode["log"] == 0o640  # open() under umask 027
+    for name in ("config.yaml", "overrides.yaml", "meta.json", "status", "metrics.jsonl", "x.json"):
+        assert mode[name] == 0o640, (name, oct(mode[name]))  # atomic writes (mkstemp makes 0600) included
+    assert mode["kept.md"] == 0o600 and (d / "kept.md").read_text() == "b"
+
+
 def test_runs_are_never_overwritten(tmp_path):
     dirs = {new_run_dir(tmp_path, "train", "same") for _ in range(5)}  # same second, same name
     assert len(dirs) == 5 and all(d.is_dir() for d in dirs)
@@ -79,15 +100,24 @@ def test_latest_run(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_in_a_real_process(tmp_path, sig):
+    # as the CLI runs a command: inside user_errors, which turns the interruption into one line and an exit code
     script = textwrap.dedent(f"""
         import sys, time
+        import typer
+        from iouctl.cli.common import user_errors
         from iouctl.runs import open_run
-        with open_run("train", "sig", {str(tmp_path)!r}, "x: 1\\n", []) as run:
-            run.console.print("started")
-            print(run.dir, flush=True)
-            for i in range(600):
-                run.log({{"i": i}}, step=i)
-                time.sleep(0.05)
+        current = {{}}
+        try:
+            with user_errors(lambda: current.get("dir")):
+                with open_run("train", "sig", {str(tmp_path)!r}, "x: 1\\n", []) as run:
+                    current["dir"] = run.dir
+                    run.console.print("started")
+                    print(run.dir, flush=True)
+                    for i in range(600):
+                        run.log({{"i": i}}, step=i)
+                        time.sleep(0.05)
+        except typer.Exit as e:
+            sys.exit(e.exit_code)
     """)
     # A shell's background job inherits SIGINT ignored (and Python keeps it so): give the child the default, as a
     # terminal's Ctrl-C meets it.
@@ -97,7 +127,12 @@ def test_signal_in_a_real_process(tmp_path, sig):
     time.sleep(0.5)
     proc.send_signal(sig)
     proc.wait(timeout=30)
-    assert proc.returncode != 0
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143)  # as a shell reports a death by the signal
+    stderr = proc.stderr.read()
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in stderr and lines[0] == "started" and len(lines) == 2, stderr
+    assert lines[1] == f"error: {'interrupted' if sig == signal.SIGINT else 'terminated (SIGTERM)'}; run marked " \
+                       f"INTERRUPTED: {run_dir}"
     assert read_status(run_dir) == "INTERRUPTED"
     log = (run_dir / "log").read_text()
     assert "started" in log and "interrupted" in log and "status: INTERRUPTED" in log

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from iouctl.cli.common import Overrides, PrintCfg, run_experiment, user_errors
+from iouctl.cli.common import OneLineErrors, Overrides, PrintCfg, run_experiment, user_errors
 from iouctl.cli.data import data_app
 
 app = typer.Typer(
@@ -17,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineErrors,  # usage errors (unknown flag, bad choice) are one line too
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(data_app, name="data")
@@ -24,16 +25,51 @@ app.add_typer(data_app, name="data")
 
 @app.command()
 def train(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> None:
-    """Train a detector (model=retina|iou_retina|faster_rcnn|iou_net), then evaluate it on the val split."""
-    def body(conf, run):
-        from iouctl.engine.train import CHECKPOINT
-        from iouctl.runs import find_run_file
+    """Train a detector (model=retina|iou_retina|faster_rcnn|iou_net), then evaluate it on the val split.
+    resume=true continues run=<dir>, or the newest train run with this config's model, data and schedule."""
+    found: dict = {}
+    if not cfg:
+        with user_errors():  # the run to resume is settled before a run directory is made
+            found["resume"] = _resume_checkpoint(overrides)
 
-        resume = find_run_file(conf.run, conf.paths.runs_dir, ["train"], CHECKPOINT, status=None) \
-            if conf.resume else None
-        return _train_run(conf, run, resume)
+    def body(conf, run):
+        ckpt = found["resume"]
+        if ckpt is not None:  # resumed_from: the run this one continues (`iouctl runs` shows it as resumed)
+            src = ckpt.parent.parent
+            run.update_meta(resume_checkpoint=str(ckpt),
+                            resumed_from=str(src) if (src / "meta.json").is_file() else None)
+        return _train_run(conf, run, ckpt)
 
     run_experiment("train", overrides, cfg, body)
+
+
+# What a run to resume must share with the composed config (the rest, e.g. device, num_workers, eval_every, nms,
+# logger, may change): everything that decides the weights at a given iteration.
+RESUME_MATCH = ("model", "data", "augment", "pool", "optim", "schedule", "seed", "batch_size", "clip_grad_norm", "amp")
+RESUME_IGNORED = ("data.workers", "data.check_images")  # threads and when images are opened: same data
+
+
+def _resume_checkpoint(overrides: Optional[List[str]]):
+    """The checkpoint `iouctl train resume=true` continues from (None without resume): run=<dir>'s, or the newest
+    train run's whose config matches at RESUME_MATCH; a run whose process is alive is refused."""
+    from iouctl.cli.common import compose
+
+    conf = compose("train", overrides)
+    if not conf.resume:
+        return None
+    import yaml
+
+    from iouctl import config
+    from iouctl.engine.train import CHECKPOINT
+    from iouctl.runs import find_resume_run, find_run_file, refuse_if_running
+
+    if conf.run is not None:
+        ckpt = find_run_file(conf.run, conf.paths.runs_dir, ["train"], CHECKPOINT, status=None)
+        refuse_if_running(ckpt.parent.parent)  # run=<dir>/checkpoints/last.pt; for another file: no run, no-op
+        return ckpt
+    wanted = yaml.safe_load(config.to_yaml(conf))  # as config.yaml records it: values compare like for like
+    run = find_resume_run(conf.paths.runs_dir, "train", CHECKPOINT, wanted, RESUME_MATCH, RESUME_IGNORED)
+    return run / CHECKPOINT
 
 
 def _train_run(conf, run, resume=None) -> dict:
@@ -100,15 +136,10 @@ def _train_run_overrides(overrides: Optional[List[str]]) -> tuple:
 
 def _load_weights(model, checkpoint, conf) -> dict:
     """Load a train checkpoint into `model`; a mismatch is one line. Returns the checkpoint."""
-    from iouctl.engine.train import load_checkpoint
-    from iouctl.errors import IouctlError
+    from iouctl.engine.train import load_checkpoint, load_model_state
 
     state = load_checkpoint(checkpoint)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise IouctlError(f"checkpoint {checkpoint} does not fit model={conf.model._target_} "
-                          f"({str(e).splitlines()[0][:160]}); pass the model config it was trained with") from None
+    load_model_state(model, state, checkpoint, str(conf.model._target_), conf.model)
     return state
 
 
@@ -279,6 +310,40 @@ def bench_pool(
         return run_bench(conf, run)
 
     run_experiment("bench-pool", overrides, cfg, body, extra_overrides=extra)
+
+
+@app.command("runs")
+def runs(
+    command: Optional[str] = typer.Argument(None, metavar="[COMMAND]", show_default=False,
+                                            help="Only the runs of this command (train, eval, nms-ablate, ...)."),
+    limit: int = typer.Option(20, "--limit", "-n", help="Show the newest N runs."),
+    runs_dir: Optional[str] = typer.Option(None, "--runs-dir", show_default=False,
+                                           help="Where the runs are (default: paths.runs_dir, i.e. "
+                                                "$IOUCTL_RUNS_DIR or ./runs)."),
+) -> None:
+    """List runs, newest first: folder, command, name, real state (a RUNNING run whose process is gone is KILLED;
+    one started on another host RUNNING?), start time, duration, val AP."""
+    with user_errors():
+        import sys
+
+        from rich.console import Console
+
+        from iouctl import config
+        from iouctl.cli.common import compose, err_console
+        from iouctl.errors import IouctlError
+        from iouctl.runs import list_runs, runs_table
+
+        if command is not None and command not in config.COMMAND_CONFIGS:
+            raise IouctlError(f"unknown command {command!r}; valid: {', '.join(config.COMMAND_CONFIGS)}")
+        if limit < 1:
+            raise IouctlError(f"--limit {limit}: give a number of runs >= 1")
+        base = runs_dir or str(compose("data", [], allow_missing=True).paths.runs_dir)
+        found = list_runs(base, [command] if command else None, limit)
+        if not found:
+            err_console.print(f"no {command + ' ' if command else ''}runs under {base}", markup=False)
+            return
+        # piped (grep, awk): one line per run, however long the folder names
+        Console(width=None if sys.stdout.isatty() else 10_000).print(runs_table(found))
 
 
 @app.command()

@@ -4,13 +4,22 @@ Imports stay light (no torch, torchvision, wandb): `iouctl --help` must be insta
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator, List, Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # the click that typer runs on: vendored as typer._click by recent typer, click itself before
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
 from rich.console import Console
+from rich.markup import escape
 
 from iouctl.errors import IouctlError
 
@@ -26,8 +35,65 @@ PrintCfg = typer.Option(False, "--cfg", help="Print the composed config and exit
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    """Print `message` (user text, printed literally: no rich markup) as one error line and exit with `code`."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+class OneLineErrors(TyperGroup):
+    """The root command: usage errors (an unknown option, a bad choice, a value out of range) print one line, like
+    every other user error, instead of click's usage block in a box. Help output is unchanged."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)  # an Exit's code, or the command's None
+        except click_errors.NoArgsIsHelpError:  # the help is printed already
+            sys.exit(2)
+        except click_errors.ClickException as e:
+            sys.exit(_print_usage_error(e))
+        except click_errors.Abort:
+            err_console.print("[bold red]error:[/] aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _print_usage_error(e: Any) -> int:
+    msg = e.format_message().strip().replace("Value error, ", "").rstrip(".")
+    msg = " ".join(msg.split())
+    msg = msg[:1].lower() + msg[1:]
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        msg += f"; see '{ctx.command_path} --help'"
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
+    return e.exit_code
+
+
+# OSErrors that are about the user's files or folders (permissions, a full disk, a path that is not what it must be):
+# one line naming the path, like any other user error.
+_USER_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG,
+                          errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOENT, errno.ELOOP, errno.ENOTEMPTY})
+
+
+def _user_message(exc: BaseException) -> Optional[str]:
+    """The one line for an exception that is the user's to fix, None for a bug."""
+    if isinstance(exc, FileNotFoundError):
+        return f"no such file or folder: {exc.filename or exc}"
+    if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, (IouctlError, FileExistsError)):  # every layer's user errors derive from IouctlError
+        return _worker_message(str(exc))
+    return None
+
+
+def _worker_message(text: str) -> str:
+    """A DataLoader worker re-raises its error in the main process with the worker's traceback as the message
+    ("Caught DatasetError in DataLoader worker process 0. Original Traceback ..."): keep the error's own line."""
+    if "\nOriginal Traceback (most recent call last):" not in text:
+        return text
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    return re.sub(r"^[\w.]+: ", "", last, count=1)
 
 
 @contextmanager
@@ -41,12 +107,21 @@ def user_errors(run_dir: Any = None) -> Iterator[None]:
         where = f"; run marked INTERRUPTED: {run_dir()}" if run_dir and run_dir() else ""
         fail(f"interrupted{where}", 130)
     except Exception as exc:
-        if isinstance(exc, (IouctlError, FileNotFoundError, FileExistsError)):  # every layer's derive from IouctlError
-            msg = f"no such file or folder: {exc.filename or exc}" if isinstance(exc, FileNotFoundError) else str(exc)
+        msg = _user_message(exc)
+        if msg is not None:
             fail(msg, getattr(exc, "exit_code", 2))
+        # A bug: its traceback is in the run's log. Before a run folder exists there is nowhere else to keep it, so
+        # it goes to the terminal (as pip and Python itself do), exit code 1.
         where = f" (traceback in {run_dir()}/log)" if run_dir and run_dir() else ""
         if where:
-            fail(f"{type(exc).__name__}: {exc}{where}", 1)
+            fail(f"{type(exc).__name__}: {' '.join(str(exc).split())}{where}", 1)
+        raise
+    except BaseException as exc:
+        from iouctl.runs import Terminated
+
+        if isinstance(exc, Terminated):  # SIGTERM: the run is closed as INTERRUPTED; 128 + 15 as a shell reports it
+            where = f"; run marked INTERRUPTED: {run_dir()}" if run_dir and run_dir() else ""
+            fail(f"terminated (SIGTERM){where}", 143)
         raise
 
 
@@ -55,12 +130,37 @@ def compose(command: str, overrides: Optional[List[str]], allow_missing: bool = 
     here too, so that a bad one is refused before a run directory or the data is touched."""
     from iouctl import config
 
+    _check_override_keys(overrides or [])
     cfg = config.compose(command, overrides or [], allow_missing=allow_missing)
     if not allow_missing and "model" in cfg:
         from iouctl.engine.sizes import check_model_sizes
 
         check_model_sizes(cfg.model)
     return cfg
+
+
+def _check_override_keys(overrides: List[str]) -> None:
+    """Keys Hydra cannot take: none at all (`=5`), or one too long for a file name (Hydra looks keys up as files)."""
+    from iouctl.errors import ConfigError
+
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~") if "=" in o else None
+        if key == "":
+            raise ConfigError(f"override {o!r} has no key: use key=value, group=option, +new_key=value or ~key")
+        if key is not None and len(key) > 200:
+            raise ConfigError(f"unknown config key {key[:40] + '...'!r} ({len(key)} characters)")
+
+
+# A run folder is <YYYY-mm-dd_HH-MM-SS>_<name>[-N]; most file systems allow 255 bytes per name.
+MAX_NAME_BYTES = 255 - len("2000-01-01_00-00-00_") - len("-999")
+
+
+def check_run_name(name: str) -> None:
+    from iouctl.errors import ConfigError
+
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ConfigError(f"name={name[:40]}... is {len(name.encode('utf-8'))} bytes; it names the run folder, "
+                          f"which allows at most {MAX_NAME_BYTES}")
 
 
 def print_config(cfg: Any) -> None:
@@ -86,6 +186,7 @@ def run_experiment(command: str, overrides: Optional[List[str]], print_cfg: bool
         from iouctl import config
         from iouctl.runs import open_run
 
+        check_run_name(str(cfg.name))
         logger = config.instantiate(cfg.logger)
         runs_dir = str(cfg.paths.runs_dir)
         if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 owns the run directory and the logger
@@ -94,15 +195,20 @@ def run_experiment(command: str, overrides: Optional[List[str]], print_cfg: bool
             from iouctl.loggers import NullLogger
 
             runs_dir, logger = tempfile.mkdtemp(prefix=f"iouctl-rank{os.environ['RANK']}-"), NullLogger()
-        with open_run(command, str(cfg.name), runs_dir, config.to_yaml(cfg), overrides,
-                      config=config.to_dict(cfg), logger=logger, console=err_console) as run:
+        with ExitStack() as stack:
+            try:
+                run = stack.enter_context(open_run(command, str(cfg.name), runs_dir, config.to_yaml(cfg), overrides,
+                                                   config=config.to_dict(cfg), logger=logger, console=err_console))
+            except OSError as e:  # a runs folder that is a file, read-only, full ...
+                raise IouctlError(f"cannot create a run folder in paths.runs_dir={runs_dir}: {e.strerror}"
+                                  + (f" ({e.filename})" if e.filename else "")) from None
             current["dir"] = run.dir
-            run.console.print(f"[bold]iouctl {command}[/] -> {run.dir}")
+            run.console.print(f"[bold]iouctl {command}[/] -> {escape(str(run.dir))}")
             result = body(cfg, run)
         if runs_dir != str(cfg.paths.runs_dir):  # a non-zero rank's scratch run
             import shutil
 
             shutil.rmtree(runs_dir, ignore_errors=True)
             return result
-        err_console.print(f"[green]done[/]: {run.dir}")
+        err_console.print(f"[green]done[/]: {escape(str(run.dir))}")
         return result

@@ -8,7 +8,10 @@ from typing import List, Optional
 
 import typer
 
-from iouctl.cli.common import Overrides, PrintCfg, compose, err_console, print_config, run_experiment, user_errors
+from rich.markup import escape
+
+from iouctl.cli.common import Overrides, PrintCfg, compose, err_console, fail, print_config, run_experiment, user_errors
+from iouctl.schema import SCORES
 
 data_app = typer.Typer(help="Datasets: generate the built-in one, check a COCO one, preview, import VOC/YOLO/CSV.",
                        no_args_is_help=True)
@@ -69,7 +72,7 @@ def check(overrides: Optional[List[str]] = Overrides) -> None:
                 task = progress.add_task(f"{split}: opening images", total=None)
                 reports[split] = report = validate_coco(
                     data.ann_file(split), data.image_dir(split), skip_bad=True, open_images=True,
-                    workers=getattr(data, "workers", 2),
+                    workers=getattr(data, "workers", 2), allow_outside=getattr(data, "allow_outside", False),
                     progress=lambda done, total: progress.update(task, completed=done, total=total))
             err_console.print(escape(f"{split}: {report.summary()}"), soft_wrap=True)
             bad |= not report.ok
@@ -94,8 +97,7 @@ def preview(
     """Draw a grid of images with their ground-truth boxes into a run directory (preview_<split>.png, or
     preview_<split>_<augment>.png with --augment)."""
     if split not in SPLITS:
-        err_console.print(f"[bold red]error:[/] --split {split!r} is not valid; choose one of {', '.join(SPLITS)}")
-        raise typer.Exit(2)
+        fail(f"--split {split!r} is not valid; choose one of {', '.join(SPLITS)}")
 
     def body(conf, run):
         from iouctl import config
@@ -110,7 +112,7 @@ def preview(
         out = render_preview(data.dataset(split), run.path(f"{name}.png"), num_images=num_images, seed=conf.seed,
                              augment=config.instantiate(conf.augment))
         run.log_image(f"preview/{name.removeprefix('preview_')}", out)
-        run.console.print(f"preview: {out}")
+        run.console.print(escape(f"preview: {out}"), soft_wrap=True)
 
     run_experiment("data", overrides, False, body,
                    extra_overrides=["name=preview", *([f"+augment={augment}"] if augment else [])])
@@ -159,7 +161,7 @@ def convert_voc(
 
         path, report = convert(voc_root, split=split, out=out, skip_bad=skip_bad, overwrite=overwrite,
                                classes=None if classes is None else read_classes(classes))
-        err_console.print(f"wrote {path}: {report.summary()}")
+        err_console.print(escape(f"wrote {path}: {report.summary()}"), soft_wrap=True)
 
 
 # one per module of iouctl/data/importers/, listed without importing it (iouctl.data loads torch)
@@ -212,36 +214,44 @@ def _print_import_summary(result) -> None:
                              f"(split: {result.split_from})"), soft_wrap=True)
     print_tables(err_console, {split: split_stats(read_split(d)) for split, d in result.coco.items()})
     for note, n in report.notes.items():
-        err_console.print(f"{n} {note}")
+        err_console.print(escape(f"{n} {note}"))
     if not report.ok:
         err_console.print(escape(f"skipped {report.problems()}"), soft_wrap=True)
-    err_console.print(f"use it: iouctl train data=coco data.root={result.out}", soft_wrap=True)
+    err_console.print(escape(f"use it: iouctl train data=coco data.root={result.out}"), soft_wrap=True)
+
+
+ExportScore = Enum("ExportScore", {s: s for s in SCORES}, type=str)
 
 
 @data_app.command("export-coco")
 def export_coco(
     detections: Path = typer.Argument(..., help="A raw-detections file (.npz, e.g. runs/eval/<run>/detections/val.npz)."),
     out: Path = typer.Option(..., "--out", "-o", help="The COCO results JSON file to write."),
-    score: str = typer.Option("cls", "--score", help="The score to export: cls, iou or fused."),
-    cls_weight: float = typer.Option(0.5, "--cls-weight", help="For --score fused: cls^w * IoU^(1-w)."),
+    score: ExportScore = typer.Option("cls", "--score", help="The score to export."),
+    cls_weight: float = typer.Option(0.5, "--cls-weight", min=0.0, max=1.0,
+                                     help="For --score fused: cls^w * IoU^(1-w)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
     """Export raw detections to the standard COCO results JSON (image_id, category_id, bbox xywh, score)."""
     with user_errors():
         from iouctl.data.detections import Detections
+        from iouctl.errors import IouctlError
         from iouctl.postprocess.suppression import ranking_score
 
+        if out.is_dir():
+            raise IouctlError(f"--out {out} is a folder; give the JSON file to write, e.g. "
+                              f"--out {out / 'results.json'}")
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
         dets = Detections.load(detections)
-        path = dets.export_coco_json(out, scores=ranking_score(dets, score, cls_weight))
-        err_console.print(f"wrote {len(dets)} detections to {path}")
+        path = dets.export_coco_json(out, scores=ranking_score(dets, score.value, cls_weight))
+        err_console.print(escape(f"wrote {len(dets)} detections to {path}"), soft_wrap=True)
 
 
 def _print_summary(data) -> None:
     from rich.table import Table
 
-    table = Table(title=f"dataset at {data.root}")
+    table = Table(title=escape(f"dataset at {data.root}"))
     for col in ("split", "images", "annotations", "annotation file"):
         table.add_column(col)
     import json
@@ -249,6 +259,6 @@ def _print_summary(data) -> None:
     for split in SPLITS:
         ann = Path(data.ann_file(split))
         d = json.loads(ann.read_text())
-        table.add_row(split, str(len(d.get("images", []))), str(len(d.get("annotations", []))), str(ann))
+        table.add_row(split, str(len(d.get("images", []))), str(len(d.get("annotations", []))), escape(str(ann)))
     err_console.print(table)
-    err_console.print("classes: " + ", ".join(c["name"] for c in data.categories))
+    err_console.print(escape("classes: " + ", ".join(c["name"] for c in data.categories)), soft_wrap=True)

@@ -5,7 +5,8 @@ Validation rules (``validate_coco``). Fatal, never skippable (one line naming th
 (file:line:col), top level not an object, ``images`` / ``annotations`` / ``categories`` missing or not lists,
 malformed, duplicate or no categories. Skippable with ``skip_bad=True`` (counted per kind in the report):
 
-- images: missing ``id`` / ``file_name``, bad ``width`` / ``height``, duplicate id, file missing from ``image_dir``;
+- images: missing ``id`` / ``file_name``, bad ``width`` / ``height``, duplicate id, a ``file_name`` that leads
+  outside ``image_dir`` (absolute, or up through ``..``; allowed with ``allow_outside``), file missing from ``image_dir``;
   with images opened (``check_images``): unreadable (corrupt,
   truncated) files and files whose size differs from ``width`` / ``height`` (their annotations are dropped too and
   counted as ``on_skipped_image``);
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -40,6 +42,8 @@ IMAGE_KINDS = {
     "image_missing_keys": ("image entries missing 'id' or 'file_name'", "image ids"),
     "image_bad_size": ("image entries with a bad 'width'/'height'", "image ids"),
     "image_duplicate_id": ("image entries with a duplicated id", "image ids"),
+    "outside_folder": ("images whose file_name leads outside the image folder, absolute or through '..' "
+                       "(allowed with data.allow_outside=true)", "image id: file"),
     "missing_file": ("images whose file is missing", "image id: file"),
     "unreadable_image": ("images that cannot be decoded (corrupt or truncated)", "image id: file"),
     "size_mismatch": ("images whose size differs from their width/height", "image id: file"),
@@ -170,7 +174,8 @@ def load_json(path: str | os.PathLike, what: str = "annotation file"):
 
 def validate_coco_dict(data, ann_file: str | os.PathLike, image_dir: str | os.PathLike | None = None,
                        skip_bad: bool = False, open_images: bool = False, workers: int = 2,
-                       progress: Callable[[int, int], object] | None = None) -> ValidationReport:
+                       progress: Callable[[int, int], object] | None = None,
+                       allow_outside: bool = False) -> ValidationReport:
     """``validate_coco`` on already-loaded JSON (``ann_file`` only names it in messages). Entries are not modified:
     a kept annotation that needed a default (``area``, ``iscrowd``) or an image whose size was read from its file is
     a new dict in the report."""
@@ -234,6 +239,11 @@ def validate_coco_dict(data, ann_file: str | os.PathLike, image_dir: str | os.Pa
             skipped_image_ids.add(iid)
             continue
         if image_dir is not None:
+            name = im["file_name"]
+            if not allow_outside and ("/" in name or "\\" in name) and leaves_folder(name):
+                rep.add("outside_folder", f"{iid}: {name}")
+                skipped_image_ids.add(iid)
+                continue
             if files is None:
                 files = _list_files(image_dir)
             if im["file_name"] not in files and not (image_dir / im["file_name"]).is_file():
@@ -327,6 +337,16 @@ def validate_coco_dict(data, ann_file: str | os.PathLike, image_dir: str | os.Pa
     return rep
 
 
+def leaves_folder(file_name: str) -> bool:
+    """Whether `file_name`, joined to a folder, names a path outside it: absolute (POSIX, UNC or a drive), or up
+    through '..' past its start. Lexical: a symlink inside the folder (as `data import` writes) is inside."""
+    p = file_name.replace("\\", "/")  # a Windows separator too: the same JSON may be read there
+    if p.startswith("/") or (len(p) > 2 and p[0].isalpha() and p[1:3] == ":/"):
+        return True
+    norm = posixpath.normpath(p)
+    return norm == ".." or norm.startswith("../")
+
+
 def image_size(path: Path, decode: bool) -> tuple[int, int] | str:
     """(width, height) of an image file, or why it cannot be read. decode: decode every pixel (finds truncated
     and corrupt files); otherwise only the header is read."""
@@ -384,13 +404,16 @@ def _list_files(image_dir: Path) -> set[str]:
 
 def validate_coco(ann_file: str | os.PathLike, image_dir: str | os.PathLike | None = None,
                   skip_bad: bool = False, open_images: bool = False, workers: int = 2,
-                  progress: Callable[[int, int], object] | None = None) -> ValidationReport:
-    """Check a COCO detection JSON (and, given ``image_dir``, that every image file exists; with ``open_images``,
-    that each decodes and has the size the JSON says, on ``workers`` threads, reporting ``progress(done, total)``).
+                  progress: Callable[[int, int], object] | None = None,
+                  allow_outside: bool = False) -> ValidationReport:
+    """Check a COCO detection JSON (and, given ``image_dir``, that every image file lies in it, unless
+    ``allow_outside``, and exists; with ``open_images``, that each decodes and has the size the JSON says, on
+    ``workers`` threads, reporting ``progress(done, total)``).
 
     Raises DatasetError (one line: file, what, first offending ids, totals, the skip_bad hint) on bad entries unless
     ``skip_bad``; then the bad entries are left out of the report's ``images`` / ``annotations`` and counted."""
-    return validate_coco_dict(load_json(ann_file), ann_file, image_dir, skip_bad, open_images, workers, progress)
+    return validate_coco_dict(load_json(ann_file), ann_file, image_dir, skip_bad, open_images, workers, progress,
+                              allow_outside)
 
 
 def read_image(path: str | os.PathLike) -> "torch.Tensor":
@@ -421,10 +444,11 @@ class CocoDetectionDataset:  # a map-style dataset (__len__, __getitem__): what 
     ``coco_dict()`` (the kept entries as a COCO dict: evaluate against this when ``skip_bad`` dropped anything)."""
 
     def __init__(self, image_dir: str | os.PathLike, ann_file: str | os.PathLike, skip_bad: bool = False,
-                 report: ValidationReport | None = None):
+                 report: ValidationReport | None = None, allow_outside: bool = False):
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
-        self.report = report if report is not None else validate_coco(self.ann_file, self.image_dir, skip_bad)
+        self.report = report if report is not None else validate_coco(self.ann_file, self.image_dir, skip_bad,
+                                                                       allow_outside=allow_outside)
         self.categories = self.report.categories
         self.images = sorted(self.report.images, key=lambda im: im["id"])
         self.image_ids = [im["id"] for im in self.images]
@@ -498,10 +522,13 @@ class CocoData:
         check_images: which splits have every image opened at ``prepare()`` (decodable, size as in the JSON):
             ``none``, ``val`` (an evaluation then never fails after training) or ``all``.
         workers: threads that open images.
+        allow_outside: read images whose ``file_name`` leads outside the image folder (absolute, or up through
+            ``..``); refused by default, so that a dataset file cannot make iouctl read files elsewhere.
     """
 
     def __init__(self, root: str, train_ann: str = AUTO, val_ann: str = AUTO, train_images: str = AUTO,
-                 val_images: str = AUTO, skip_bad: bool = False, check_images: str = "val", workers: int = 2):
+                 val_images: str = AUTO, skip_bad: bool = False, check_images: str = "val", workers: int = 2,
+                 allow_outside: bool = False):
         if check_images not in CHECK_IMAGES:
             raise DatasetError(f"data.check_images={check_images!r} is not valid; valid: {', '.join(CHECK_IMAGES)}")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -510,6 +537,7 @@ class CocoData:
         self.skip_bad = bool(skip_bad)
         self.check_images = check_images
         self.workers = workers
+        self.allow_outside = bool(allow_outside)
         self._given = {("ann", "train"): train_ann, ("ann", "val"): val_ann,
                        ("img", "train"): train_images, ("img", "val"): val_images}
         self._reports: dict[str, ValidationReport] = {}
@@ -556,7 +584,7 @@ class CocoData:
             if open_images is None:
                 open_images = self.check_images in ("all", split) or self.skip_bad
             self._reports[split] = validate_coco(self.ann_file(split), self.image_dir(split), self.skip_bad,
-                                                 open_images, self.workers, progress)
+                                                 open_images, self.workers, progress, self.allow_outside)
         return self._reports[split]
 
     def prepare(self, progress: Callable[[int, int], object] | None = None, open_images: bool | None = None) -> None:

@@ -14,6 +14,7 @@ Keys (see docs/detections.md):
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ FORMAT_VERSION = 1
 _INT_KEYS = ("image_ids", "labels")
 _REQUIRED = ("header", "image_ids", "boxes", "labels", "scores")
 _OPTIONAL = ("ious",)
+_UNIT = {"scores": "classification probabilities", "ious": "predicted IoUs"}  # keys whose values lie in [0, 1]
 
 
 class DetectionsFormatError(IouctlError, ValueError):
@@ -103,6 +105,36 @@ def rank_per_image(image_ids: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     return order, pos - torch.cummax(torch.where(start, pos, 0), 0).values
 
 
+def _check_declared_sizes(path: Path, source: str) -> None:
+    """Refuse an array whose .npy header declares more data than its zip member holds, before numpy allocates it
+    (a few edited header bytes can declare terabytes). Unreadable members are left for np.load to report."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read_header is None:
+                        continue
+                    shape, _, dtype = read_header(f)
+                    held = info.file_size - f.tell()
+                if dtype.hasobject:
+                    continue  # refused by allow_pickle=False
+                declared = math.prod(shape) * dtype.itemsize
+                if declared > held:
+                    raise DetectionsFormatError(
+                        f"{source}: '{info.filename[:-4]}' declares shape {list(shape)} {dtype} ({declared:,} bytes) "
+                        f"but holds {max(held, 0):,} bytes; the file is corrupt or truncated"
+                    )
+    except DetectionsFormatError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError):
+        return
+
+
 @dataclass
 class Detections:
     """Detections of one split, a flat table of N rows.
@@ -136,6 +168,15 @@ class Detections:
         self.scores = _check_array("scores", self.scores, n, source)
         if self.ious is not None:
             self.ious = _check_array("ious", self.ious, n, source)
+        for name, what in _UNIT.items():
+            value = getattr(self, name)
+            outside = (value < 0) | (value > 1) if value is not None else None
+            if outside is not None and bool(outside.any()):
+                first = int(outside.nonzero()[0, 0])
+                raise DetectionsFormatError(
+                    f"{_where(source)}'{name}' has {int(outside.sum())} values outside [0, 1] (first at detection "
+                    f"{first}: {value[first].item():g}); {name} are {what}, in [0, 1]"
+                )
         devices = {t.device for t in (self.image_ids, self.boxes, self.labels, self.scores, self.ious) if t is not None}
         if len(devices) > 1:
             raise DetectionsFormatError(
@@ -321,13 +362,15 @@ class Detections:
         p = Path(path)
         if not p.is_file():
             raise DetectionsFormatError(f"{src}: no such detections file")
-        if not zipfile.is_zipfile(p) and p.read_bytes()[:6] != b"\x93NUMPY":
-            raise DetectionsFormatError(f"{src}: not a detections .npz file (expected a zip of .npy arrays, see "
-                                        f"docs/detections.md)")
+        if not zipfile.is_zipfile(p):
+            with open(p, "rb") as f:
+                single = f.read(6) == b"\x93NUMPY"
+            raise DetectionsFormatError(f"{src}: holds a single .npy array, not a detections .npz archive" if single
+                                        else f"{src}: not a detections .npz file (expected a zip of .npy arrays, see "
+                                             f"docs/detections.md)")
+        _check_declared_sizes(p, src)
         try:
             z = np.load(p, allow_pickle=False)
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise DetectionsFormatError(f"{src}: holds a single .npy array, not a detections .npz archive")
             with z:
                 keys = set(z.files)
                 missing = [k for k in _REQUIRED if k not in keys]

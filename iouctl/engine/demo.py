@@ -55,7 +55,7 @@ def demo(cfg: Any, run: Any, data: Any, actions: dict[str, Callable[[Any], dict]
     run.write_text("report.md", _report(summary))
     run.console.rule("summary")
     _print_summary(run, summary)
-    run.console.print(f"report: {run.dir / 'report.md'}")
+    run.console.print(escape(f"report: {run.dir / 'report.md'}"), soft_wrap=True)
     return summary
 
 

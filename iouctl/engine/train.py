@@ -18,6 +18,7 @@ from iouctl.data import collate_detection
 from iouctl.data.augment import AugmentedDataset, sample_seed
 from iouctl.errors import IouctlError
 from iouctl.fileio import atomic_write_with
+from iouctl.models.backbones import load_failure
 
 CHECKPOINT = "checkpoints/last.pt"
 
@@ -96,10 +97,51 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by :func:`save_checkpoint` (only tensors and plain values are unpickled); one line
+    (IouctlError) when it cannot be read or holds no model."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise IouctlError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- empty, truncated, foreign, or holding pickled objects
+        raise IouctlError(f"cannot read checkpoint {path}: {load_failure(e)}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise IouctlError(f"{path} is not an iouctl checkpoint (no 'model' state_dict); give a train run's "
+                          f"{CHECKPOINT}")
+    return state
+
+
+def load_model_state(model: torch.nn.Module, state: dict, path: Path, model_name: str,
+                     model_cfg: Any = None) -> None:
+    """Load a checkpoint's weights into `model`. A mismatch is one line (IouctlError) naming the first tensor that
+    differs and the overrides the checkpoint's run was made with, instead of torch's list of every tensor."""
+    own, theirs = model.state_dict(), state["model"]
+    shapes = [f"{k} is {list(v.shape)} there but {list(own[k].shape)} here" for k, v in theirs.items()
+              if k in own and isinstance(v, Tensor) and v.shape != own[k].shape]
+    missing = [f"{k} is missing there" for k in own if k not in theirs]
+    unexpected = [f"{k} is not in this model" for k in theirs if k not in own]
+    problems = shapes + missing + unexpected
+    if not problems:
+        model.load_state_dict(theirs)
+        return
+    raise IouctlError(f"checkpoint {path} does not fit model={model_name}: {len(problems)} tensors differ (first: "
+                      f"{problems[0]}); {_trained_with(path, model_cfg)}")
+
+
+def _trained_with(checkpoint: Path, model_cfg: Any = None) -> str:
+    """Advice naming how the run that wrote `checkpoint` (<run>/checkpoints/last.pt) configured its model: the model
+    keys that differ from `model_cfg` (the config now), else its overrides."""
+    import yaml
+
+    run_dir = Path(checkpoint).parent.parent
+    try:
+        given = yaml.safe_load((run_dir / "overrides.yaml").read_text()) or []
+        saved = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("model") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return "use the model config it was trained with"
+    now = dict(model_cfg.items()) if model_cfg is not None else {}
+    diff = [f"model.{k}={v}" for k, v in saved.items() if k in now and now[k] != v]
+    kept = [str(o) for o in given if str(o).split("=", 1)[0].lstrip("+~") not in ("resume", "run", "checkpoint")]
+    had = " ".join(diff[:4]) if diff else "overrides " + " ".join(kept) if kept else "the default config"
+    return f"its run had {had} (see {run_dir / 'config.yaml'}): use the same model config"
 
 
 def train(cfg: Any, run: Any, data: Any, model: torch.nn.Module, make_optimizer: Callable,
@@ -124,13 +166,22 @@ def train(cfg: Any, run: Any, data: Any, model: torch.nn.Module, make_optimizer:
     start = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        absent = [k for k in ("optimizer", "iteration", "rng_cpu") if k not in state]
+        if absent:
+            raise IouctlError(f"cannot resume from {resume_from}: it has no {', '.join(absent)} (not a train "
+                              f"checkpoint; eval checkpoint= or model.init_from= take model weights)")
+        load_model_state(model, state, resume_from, str(cfg.model._target_), cfg.model)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise IouctlError(f"cannot resume from {resume_from}: its optimizer state does not fit "
+                              f"optim={cfg.optim._target_} ({' '.join(str(e).split())[:160]}); "
+                              f"{_trained_with(resume_from, cfg.model)}") from None
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         start = int(state["iteration"])
-        run.console.print(f"resumed from {resume_from} at iteration {start}")
+        run.console.print(f"resumed from {resume_from} at iteration {start}", markup=False, soft_wrap=True)
     init = getattr(model, "init_report", None)  # set by model.init_from (iouctl.models.init_from)
     if init is not None and rank == 0:
         if resume_from is None:

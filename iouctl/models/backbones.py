@@ -5,7 +5,7 @@ body in its own FPN. ImageNet weights come only from a local state_dict file: no
 """
 from __future__ import annotations
 
-import pickle
+import re
 from pathlib import Path
 from typing import ClassVar, Optional
 
@@ -48,6 +48,23 @@ class SmallNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
 
 
+def load_failure(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words. Never torch's own advice to retry with
+    weights_only=False: that would run whatever code the file holds."""
+    text = str(exc)
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
+    if found:
+        return f"it holds a pickled {found.group(1).rstrip('.')}, and only tensors are read (nothing in it is run)"
+    if isinstance(exc, EOFError) or not text.strip():
+        return "the file is empty or cut short"
+    if "central directory" in text or "zip archive" in text:
+        return "the file is cut short or corrupt (not a whole torch archive)"
+    if "Weights only load failed" in text:
+        found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        return f"not a file of tensors torch wrote ({found.group(1).strip() if found else 'unreadable'})"
+    return f"not a torch file ({type(exc).__name__}: {text.splitlines()[0][:120]})"
+
+
 def _cached_imagenet(name: str) -> Path:
     """torchvision's ImageNet file for `name` in the torch hub cache (put there by an earlier download elsewhere)."""
     folder = Path(torch.hub.get_dir()) / "checkpoints"
@@ -65,9 +82,9 @@ def _load_imagenet(net: nn.Module, name: str, pretrained: str) -> None:
                           f"or pretrained=null; nothing is downloaded)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:  # corrupt / not torch
+    except Exception as exc:  # noqa: BLE001 -- corrupt, not torch, or pickled objects other than tensors
         raise ConfigError(f"pretrained weights file {path} could not be read as a torch state_dict: "
-                          f"{type(exc).__name__}") from None
+                          f"{load_failure(exc)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

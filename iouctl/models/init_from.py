@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from iouctl.errors import ConfigError
+from iouctl.models.backbones import load_failure
 
 # what each model family takes: (torchvision builders, our model options)
 FILES = {"two_stage": ("fasterrcnn_resnet50_fpn or fasterrcnn_resnet50_fpn_v2", "faster_rcnn, iou_net"),
@@ -113,10 +113,7 @@ def read_state_dict(path: str | Path) -> tuple[Path, dict[str, Tensor]]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- corrupt, truncated, not torch, or pickled objects other than tensors
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        why = f"it holds a pickled {found.group(1)}, and only tensors are read" if found else \
-            f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
-        raise ConfigError(f"init_from file {p} could not be read as a torch state_dict ({why})") from None
+        raise ConfigError(f"init_from file {p} could not be read as a torch state_dict ({load_failure(exc)})") from None
     if isinstance(obj, dict) and "iteration" in obj and "optimizer" in obj and "config_name" in obj:
         raise ConfigError(f"init_from file {p} is an iouctl training checkpoint: continue its run with "
                           f"`iouctl train resume=true run=<its run>`; init_from takes the state_dict of torchvision's "

@@ -124,6 +124,14 @@ def _bad(name: str, tmp_path):
         a["header"] = np.array(json.dumps({"format": "other", "version": 1}))
     elif name == "huge_float64":
         a["scores"] = np.array([1e300, 0, 0])
+    elif name == "score_above_1":
+        a["scores"][1] = 1.5
+    elif name == "negative_score":
+        a["scores"][2] = -0.25
+    elif name == "iou_minus_1":
+        a["ious"] = np.array([0.5, -1, 0.5], np.float32)
+    elif name == "iou_2":
+        a["ious"] = np.array([2, 2, 0.5], np.float32)
     p = tmp_path / f"{name}.npz"
     write_npz(p, **a)
     return p
@@ -147,6 +155,10 @@ def _bad(name: str, tmp_path):
         ("header_not_string", "'header' must be a 0-d unicode string"),
         ("wrong_format", "header 'format' must be 'iouctl-detections'"),
         ("huge_float64", "'scores' has a non-finite value"),
+        ("score_above_1", "'scores' has 1 values outside [0, 1] (first at detection 1: 1.5)"),
+        ("negative_score", "'scores' has 1 values outside [0, 1] (first at detection 2: -0.25)"),
+        ("iou_minus_1", "'ious' has 1 values outside [0, 1] (first at detection 1: -1)"),
+        ("iou_2", "'ious' has 2 values outside [0, 1] (first at detection 0: 2)"),
     ],
 )
 def test_bad_files_raise_one_line_naming_the_file(tmp_path, name, fragment):
@@ -175,6 +187,51 @@ def test_garbage_and_missing_files(tmp_path, content):
         Detections.load(p)
     with pytest.raises(DetectionsFormatError, match="no such detections file"):
         Detections.load(tmp_path / "absent.npz")
+
+
+def test_bounds_of_the_unit_range_are_valid(tmp_path):
+    a = good_arrays()
+    a["scores"] = np.array([0, 1, 0.5], np.float32)
+    a["ious"] = np.array([1, 0, 0.25], np.float32)
+    write_npz(tmp_path / "d.npz", **a)
+    d = Detections.load(tmp_path / "d.npz")
+    assert d.scores.tolist() == [0, 1, 0.5] and d.ious.tolist() == [1, 0, 0.25]
+
+
+def _npy_member(shape, dtype="<f4", data=b"") -> bytes:
+    import io
+
+    f = io.BytesIO()
+    np.lib.format.write_array_header_1_0(f, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return f.getvalue() + data
+
+
+@pytest.mark.parametrize("compression", ["stored", "deflated"])
+def test_a_header_declaring_terabytes_is_refused_before_reading(tmp_path, compression, monkeypatch):
+    import zipfile
+
+    p = tmp_path / "huge.npz"
+    write_npz(p, **good_arrays())
+    members = {}
+    with zipfile.ZipFile(p) as z:
+        for name in z.namelist():
+            members[name] = z.read(name)
+    # boxes [4e11, 4] float32: 1.46 TiB declared, 48 bytes held
+    members["boxes.npy"] = _npy_member((400_000_000_000, 4), data=np.zeros((3, 4), np.float32).tobytes())
+    how = zipfile.ZIP_STORED if compression == "stored" else zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(p, "w", how) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+    def no_reading(*a, **k):  # the refusal must come from the header, before numpy reads (and allocates) the array
+        raise AssertionError("np.load was called")
+
+    monkeypatch.setattr(np, "load", no_reading)
+    with pytest.raises(DetectionsFormatError) as e:
+        Detections.load(p)
+    msg = str(e.value)
+    assert msg.startswith(str(p)) and "\n" not in msg
+    assert "'boxes' declares shape [400000000000, 4] float32 (6,400,000,000,000 bytes) but holds 48 bytes" in msg
 
 
 def test_single_npy_is_not_a_detections_file(tmp_path):
@@ -217,6 +274,10 @@ def test_constructor_validates_and_casts():
         Detections([1], torch.zeros(1, 4), torch.tensor([1]), torch.zeros(1))
     with pytest.raises(DetectionsFormatError, match="'meta' must be a dict"):
         Detections(torch.tensor([1]), torch.zeros(1, 4), torch.tensor([1]), torch.zeros(1), meta=["x"])
+    with pytest.raises(DetectionsFormatError, match=r"'scores' has 1 values outside \[0, 1\]"):
+        Detections(torch.tensor([1]), torch.zeros(1, 4), torch.tensor([1]), torch.tensor([1.01]))
+    with pytest.raises(DetectionsFormatError, match=r"'ious' has 1 values outside \[0, 1\]"):
+        Detections(torch.tensor([1]), torch.zeros(1, 4), torch.tensor([1]), torch.ones(1), torch.tensor([-0.5]))
 
 
 # ---------------------------------------------------------------- table operations vs plain loops
@@ -278,9 +339,9 @@ def test_top_k_per_image_matches_a_loop_with_ties(k):
         rows = [i for i in range(len(d)) if d.image_ids[i] == img]
         rows = sorted(rows, key=lambda i: (-d.scores[i].item(), i))[:k]
         expect += rows
-    d.ious = torch.arange(len(d), dtype=torch.float32)  # row ids ride along (exact in float32)
+    d.ious = torch.arange(len(d), dtype=torch.float32) / 64  # row ids ride along (exact in float32, in [0, 1])
     kept = d.top_k_per_image(k)
-    assert kept.ious.long().tolist() == sorted(expect)  # row order preserved
+    assert (kept.ious * 64).long().tolist() == sorted(expect)  # row order preserved
     alt = d.top_k_per_image(k, scores=-d.scores)  # a score override ranks by it instead
     assert len(alt) == len(kept)
     with pytest.raises(ValueError, match="k must be >= 0"):

@@ -57,6 +57,7 @@ def test_bad_input_is_one_line_exit_2(args, needle):
 def test_bad_flag_value_lists_choices():
     r = runner.invoke(app, ["nms-ablate", "--score", "area"])
     assert r.exit_code == 2 and all(f"'{c}'" in r.output for c in ("cls", "iou", "fused"))
+    assert len(r.output.strip().splitlines()) == 1 and "╭" not in r.output  # one line, not click's boxed usage
 
 
 def test_refine_without_a_trained_run_fails_clearly_and_leaves_no_run(tmp_path):

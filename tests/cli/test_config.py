@@ -73,6 +73,8 @@ def test_experiment_recipe_pins_the_paper_schedule():
     ("model.iou_head=maybe", "'model.iou_head'"),
     ("optim.lrr=0.1", "valid keys under 'optim': _partial_, _target_, lr, momentum"),
     ("nosuchkey=1", "unknown config key 'nosuchkey'"),
+    ("+nosuchkey=1", "unknown config key 'nosuchkey'"),
+    ("schedule.max_iters=0", "schedule.max_iters=0 is not valid; valid: an integer >= 1"),
     ("model=yolo", "valid: faster_rcnn, iou_net, iou_retina, retina"),
     ("data=voc", "valid: coco, shapes"),
     ("experiment=nope", "for config group 'experiment'"),

@@ -213,15 +213,22 @@ def test_an_experiment_file_sets_the_augmentation_of_its_dataset(tmp_path, monke
         AugmentedDataset(Painted(), keys_only)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("augment.crop_scale=[0.5,0.2]", "augment.crop_scale=[0.5, 0.2] must be [min, max] with 0 < min <= max <= 1"),
-    ("augment.hflip=1.5", "augment.hflip=1.5 is not in [0, 1]"),
-    ("augment.hue=0.7", "augment.hue=0.7 is not in [0, 0.5]"),
-    ("augment.min_box_size=0", "augment.min_box_size=0.0 must be >= 1"),
+@pytest.mark.parametrize("key, value, message", [
+    ("crop_scale", [0.5, 0.2], "augment.crop_scale=[0.5, 0.2] must be [min, max] with 0 < min <= max <= 1"),
+    ("hflip", 1.5, "augment.hflip=1.5 is not in [0, 1]"),
+    ("hue", 0.7, "augment.hue=0.7 is not in [0, 0.5]"),
+    ("min_box_size", 0.0, "augment.min_box_size=0.0 must be >= 1"),
 ])
-def test_bad_values_are_one_line(override, message):
+def test_bad_values_are_one_line(key, value, message):
+    # refused at composition (the schema's ranges), before any run folder...
+    with pytest.raises(ConfigError) as e:
+        config.compose("train", ["augment=standard", f"augment.{key}={value}".replace(" ", "")])
+    assert str(e.value).startswith(f"augment.{key}=") and "\n" not in str(e.value)
+    # ...and by the library itself, for callers that build it from Python
+    params = {k: v for k, v in config.to_dict(config.compose("train", ["augment=standard"]).augment).items()
+              if k != "_target_"}
     with pytest.raises(ConfigError, match="^" + message.replace("[", r"\[").replace("]", r"\]")):
-        config.instantiate(config.compose("train", ["augment=standard", override]).augment)
+        RandomAugment(**{**params, key: value})
 
 
 @pytest.mark.parametrize("model", ["retina", "iou_retina", "faster_rcnn", "iou_net"])
