@@ -27,7 +27,7 @@ if which == "pycocotools":
         with contextlib.redirect_stdout(io.StringIO()):
             COCO(path)
 else:
-    from iouctl.data.coco import validate_coco  # imports torch: ~400 MiB and seconds, timed apart
+    from iouctl.data.coco import validate_coco  # imports timed apart
     def work():
         validate_coco(path)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -87,7 +87,7 @@ def main() -> None:
             print(f"{w:12s} median {s:.2f} s  peak RSS {m:.0f} MiB ({a:.0f} MiB added by the file)")
         print(f"ratio iouctl / pycocotools: time {med['iouctl'][0] / med['pycocotools'][0]:.2f}x, "
               f"memory added by the file {med['iouctl'][2] / med['pycocotools'][2]:.2f}x, "
-              f"peak RSS {med['iouctl'][1] / med['pycocotools'][1]:.2f}x (torch's import included)")
+              f"peak RSS {med['iouctl'][1] / med['pycocotools'][1]:.2f}x")
 
         if args.open_images:
             import numpy as np
