@@ -90,7 +90,26 @@ def compose(command: str, overrides: Sequence[str] = (), allow_missing: bool = F
         raise ConfigError(f"missing required value(s) {', '.join(missing)}: give them as overrides, e.g. "
                           f"{missing[0]}=...")
     check_values(cfg, command, overrides)
+    _absolute_paths(cfg)
     return cfg
+
+
+# Keys naming a file or folder that a later command restores from the run's config.yaml: recorded absolute, so
+# `iouctl nms-ablate run=<run>` from another folder finds the data the run used. `imagenet` names the hub cache.
+_PATH_KEYS = ("data.root", "model.pretrained", "model.init_from")
+_NOT_PATHS = ("imagenet",)
+
+
+def _absolute_paths(cfg: DictConfig) -> None:
+    import os
+
+    for key in _PATH_KEYS:
+        if OmegaConf.select(cfg, key, default=None, throw_on_missing=False) is None or OmegaConf.is_missing(
+                OmegaConf.select(cfg, key.rsplit(".", 1)[0]), key.rsplit(".", 1)[1]):
+            continue
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and value and value not in _NOT_PATHS:
+            OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(value)), merge=False)
 
 
 def _resolved(cfg: DictConfig) -> DictConfig:

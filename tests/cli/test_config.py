@@ -1,4 +1,6 @@
 """Config composition: every option of every group composes and instantiates; bad overrides give one clear error."""
+import os
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -97,3 +99,12 @@ def test_env_paths(monkeypatch, tmp_path):
     monkeypatch.setenv("IOUCTL_CACHE_DIR", str(tmp_path / "c"))
     cfg = config.compose("train", [])
     assert cfg.paths.cache_dir == str(tmp_path / "c") and cfg.data.cache_dir == str(tmp_path / "c" / "datasets")
+
+
+def test_paths_a_later_command_restores_are_recorded_absolute(tmp_path, monkeypatch):
+    """`data.root=ds` typed in one folder must still name that dataset when nms-ablate/eval restore the run from
+    another folder."""
+    monkeypatch.chdir(tmp_path)
+    cfg = config.compose("train", ["data=coco", "data.root=ds", "model.init_from=w.pth", "model.pretrained=imagenet"])
+    assert cfg.data.root == str(tmp_path / "ds")
+    assert cfg.model.init_from == os.path.join(tmp_path, "w.pth") and cfg.model.pretrained == "imagenet"
