@@ -169,8 +169,12 @@ def _detector_inputs(conf, run) -> tuple:
                        int(conf.num_workers), run, {"model": conf.model._target_, "split": split,
                                                     "data": dataset_record(data, split)})
 
+    gts: dict = {}  # one ground truth per split: its COCO index is built once for all the run's evaluations
+
     def evaluate_fn(net, step=None, split="val"):
-        return evaluate_detections(run, predict_fn(net, split), ground_truth(data, split), nms, str(conf.eval_backend),
+        if split not in gts:
+            gts[split] = ground_truth(data, split)
+        return evaluate_detections(run, predict_fn(net, split), gts[split], nms, str(conf.eval_backend),
                                    split, float(getattr(nms, "cls_weight", 0.5)), step)
 
     return data, model, evaluate_fn, predict_fn, device, cats

@@ -48,12 +48,6 @@ def make_dataset(root, n_train=6, n_val=3, size=64, seed=0):
     return root
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("IOUCTL_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path
-
-
 def _runs(root, command):
     return sorted((root / "runs" / command).iterdir())
 
@@ -63,7 +57,8 @@ def _invoke(*args):
     return r
 
 
-def test_a_coco_run_is_scored_against_its_own_data_everywhere(env):
+def test_a_coco_run_is_scored_against_its_own_data_everywhere(tmp_path):
+    env = tmp_path  # the session's cache: compiled kernels are reused, the datasets live here
     data_dir = make_dataset(env / "mine")
     runs = f"paths.runs_dir={env / 'runs'}"
     r = _invoke("train", "model=iou_net", "data=coco", f"data.root={data_dir}", *TINY, runs)
