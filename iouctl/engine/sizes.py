@@ -30,9 +30,8 @@ def anchor_pyramid(target: str) -> AnchorPyramid | None:
 def read_splits(data: Any, splits: Sequence[str] = SPLITS) -> dict[str, SplitBoxes]:
     """The validated entries of each split of a prepared dataset, as arrays."""
     out = {}
-    for split in splits:
-        ds = data.dataset(split)
-        out[split] = read_split(ds.coco_dict(), ds.image_dir)
+    for split in splits:  # the report, not data.dataset(): no per-image target tensors are needed here
+        out[split] = read_split(data.report(split).coco_dict(), data.image_dir(split))
     return out
 
 
