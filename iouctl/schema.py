@@ -129,6 +129,10 @@ class RetinaModel(_Detector):
     head_norm: str = key(choices=HEAD_NORMS, default="none")
     # positives (the paper) | overlapping (also non-positive anchors whose box hits a GT)
     iou_supervision: str = key(choices=IOU_SUPERVISION, default="positives")
+    # anchors per level at size * 2^(k / n), k < n (the paper: 3)
+    scales_per_octave: int = key(AT_LEAST_1, default=1)
+    fg_iou_thresh: float = key(PROBABILITY, default=0.5)  # anchor-GT IoU for a positive (the paper: 0.5)
+    bg_iou_thresh: float = key(PROBABILITY, default=0.4)  # below: negative; in between: ignored (the paper: 0.4)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
-from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead, RetinaNetRegressionHead
@@ -314,7 +314,8 @@ def retinanet(backbone: str, pretrained: str | None, min_size: int, max_size: in
               aspect_ratios: Sequence[float], detections_per_img: int, iou_head: bool, iou_loss_weight: float,
               score_thresh: float, topk_candidates: int, cls_weight: float, detach_iou_target: bool,
               num_classes: int | None = None, pool: nn.Module | None = None, head_norm: str = "none",
-              iou_supervision: str = "positives", init_from: str | None = None) -> IoURetinaNet:
+              iou_supervision: str = "positives", init_from: str | None = None, scales_per_octave: int = 1,
+              fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.4) -> IoURetinaNet:
     """RetinaNet (iou_head=False) or IoU-aware RetinaNet (iou_head=True), see `IoURetinaNet` for the call contract.
     `pool` is accepted and unused (a single-stage detector pools no RoIs), so every detector builds the same way.
 
@@ -342,13 +343,18 @@ def retinanet(backbone: str, pretrained: str | None, min_size: int, max_size: in
         raise ConfigError(f"topk_candidates and detections_per_img must be >= 1, got {topk_candidates}, "
                           f"{detections_per_img}")
     body = build_fpn_backbone(backbone, pretrained, len(sizes))
-    anchor_generator = AnchorGenerator(tuple((int(s),) for s in sizes), (tuple(float(r) for r in ratios),) * len(sizes))
-    head = RetinaHead(body.out_channels, len(ratios), num_classes, iou_head=bool(iou_head),
+    if not 0.0 < bg_iou_thresh <= fg_iou_thresh <= 1.0:
+        raise ConfigError(f"need 0 < bg_iou_thresh <= fg_iou_thresh <= 1, got {bg_iou_thresh}, {fg_iou_thresh}")
+    n = int(scales_per_octave)
+    anchor_generator = AnchorGenerator(tuple(tuple(float(s) * 2 ** (k / n) for k in range(n)) for s in sizes),
+                                       (tuple(float(r) for r in ratios),) * len(sizes))
+    head = RetinaHead(body.out_channels, len(ratios) * n, num_classes, iou_head=bool(iou_head),
                       iou_loss_weight=iou_loss_weight, detach_iou_target=detach_iou_target, head_norm=head_norm,
                       iou_supervision=iou_supervision)
     model = IoURetinaNet(body, num_classes, head, anchor_generator, min_size=min_size, max_size=max_size,
                          score_thresh=score_thresh, topk_candidates=topk_candidates,
                          detections_per_img=detections_per_img, cls_weight=cls_weight)
+    model.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
     if init_from is not None:
         from iouctl.models.init_from import load_into_retinanet
 
