@@ -1,11 +1,16 @@
-"""Training-step time of the IoU-aware RetinaNet vs plain RetinaNet (issue 5 target: ratio <= 1.15).
+"""Training-step time of every quality head of the RetinaNet family vs plain RetinaNet (issue 11 target: each
+ratio <= 1.15).
 
     python benchmarks/bench_retina_step.py                          # small backbone, batch 8, 128x128, 2 threads
-    python benchmarks/bench_retina_step.py --backbone resnet18 --repeats 10 --out /tmp/bench_retina.json
-    python benchmarks/bench_retina_step.py --device cuda
+    python benchmarks/bench_retina_step.py --qualities none iou qfl --repeats 10 --out /tmp/bench_retina.json
+    python benchmarks/bench_retina_step.py --backbone resnet18 --device cuda
 
-Both models share backbone, image size, batch and data; steps alternate between the two so that drifting machine load
-hits both alike. One step = forward with targets, backward, SGD update. Reports the median per model and their ratio.
+All options share backbone, image size, batch and data, and the other values of conf/model/iou_retina.yaml (the
+quality=none row is retina.yaml's model up to the IoU-only keys, which it does not read). One step = forward with
+targets, backward, SGD update. Each repeat runs every option once, in an order rotated per repeat, so that drifting
+machine load hits all alike; reports the median per option, its ratio to quality=none's median, and the median of
+the per-repeat ratios (each option over quality=none in the same repeat: steps seconds apart, the steadier figure on
+a shared machine).
 """
 from __future__ import annotations
 
@@ -18,17 +23,19 @@ import torch
 
 from detector_batch import make_batch  # a sibling module: the scripts run as files from the repo root
 from iouctl.fileio import atomic_write_json
+from iouctl.models.contract import QUALITIES
 from iouctl.models.retina import retinanet
 
 
-def build(iou_head: bool, backbone: str, size: int, num_classes: int, device: torch.device):
+def build(quality: str, backbone: str, size: int, num_classes: int, device: torch.device, scales: int = 3,
+          fpn_channels: int | None = None):
     torch.manual_seed(0)
-    # the values of conf/model/iou_retina.yaml (retina.yaml differs only in iou_head)
+    # the values of conf/model/iou_retina.yaml
     model = retinanet(backbone=backbone, pretrained=None, min_size=size, max_size=size,
-                      anchor_sizes=[16, 32, 64], aspect_ratios=[0.5, 1.0, 2.0], detections_per_img=100,
-                      iou_head=iou_head, iou_loss_weight=4.0, score_thresh=0.05, topk_candidates=1000,
-                      cls_weight=0.5, detach_iou_target=True, head_norm="group", iou_supervision="overlapping",
-                      num_classes=num_classes).to(device).train()
+                      anchor_sizes=[16, 32, 64], aspect_ratios=[0.5, 1.0, 2.0], quality=quality,
+                      iou_loss_weight=1.0, score_thresh=0.05, topk_candidates=1000, detach_iou_target=False,
+                      head_norm="group", iou_supervision="positives", num_classes=num_classes,
+                      scales_per_octave=scales, fpn_channels=fpn_channels).to(device).train()
     return model, torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
 
 
@@ -46,34 +53,43 @@ def step(model, opt, images, targets, device: torch.device) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="small", choices=["small", "resnet18", "resnet50"])
+    ap.add_argument("--qualities", nargs="+", default=list(QUALITIES), choices=QUALITIES,
+                    help="options to time (none, the baseline, is always included)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--scales-per-octave", type=int, default=3, help="model.scales_per_octave (1: before issue 11)")
+    ap.add_argument("--fpn-channels", type=int, default=0, help="model.fpn_channels (0: the backbone's, 64)")
     ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     num_classes = 5
     images, targets = make_batch(a.batch, a.size, num_classes, device)
-    models = {"retina": build(False, a.backbone, a.size, num_classes, device),
-              "iou_retina": build(True, a.backbone, a.size, num_classes, device)}
-    times: dict[str, list[float]] = {k: [] for k in models}
+    names = ["none"] + [q for q in a.qualities if q != "none"]
+    models = {q: build(q, a.backbone, a.size, num_classes, device, a.scales_per_octave, a.fpn_channels or None)
+              for q in names}
+    times: dict[str, list[float]] = {q: [] for q in names}
     for i in range(a.warmup + a.repeats):
-        order = list(models) if i % 2 == 0 else list(models)[::-1]  # alternate who goes first
-        for name in order:
-            dt = step(*models[name], images, targets, device)
+        order = names[i % len(names):] + names[:i % len(names)]  # each option goes first as often as the others
+        for q in order:
+            dt = step(*models[q], images, targets, device)
             if i >= a.warmup:
-                times[name].append(dt)
-    med = {k: statistics.median(v) for k, v in times.items()}
+                times[q].append(dt)
+    med = {q: statistics.median(v) for q, v in times.items()}
+    ratio = {q: med[q] / med["none"] for q in names}
+    paired = {q: statistics.median(t / b for t, b in zip(times[q], times["none"])) for q in names}
     result = {"backbone": a.backbone, "batch": a.batch, "size": a.size, "threads": a.threads, "device": str(device),
-              "repeats": a.repeats, "median_s": med, "ratio_iou_retina_over_retina": med["iou_retina"] / med["retina"],
+              "repeats": a.repeats, "median_s": med, "ratio_to_none": ratio, "median_paired_ratio": paired,
               "target_ratio": 1.15}
-    print(f"{a.backbone} batch {a.batch} {a.size}x{a.size} {device} threads={a.threads}: "
-          f"retina {med['retina'] * 1e3:.1f} ms, iou_retina {med['iou_retina'] * 1e3:.1f} ms, "
-          f"ratio {result['ratio_iou_retina_over_retina']:.3f} (target <= 1.15)")
+    print(f"{a.backbone} batch {a.batch} {a.size}x{a.size} {device} threads={a.threads}, median of {a.repeats}:")
+    for q in names:
+        worst = max(ratio[q], paired[q])
+        print(f"  quality={q:<10} {med[q] * 1e3:7.1f} ms  x{ratio[q]:.3f} (paired x{paired[q]:.3f})"
+              + ("  (> 1.15)" if worst > 1.15 else ""))
     if a.out is not None:
         atomic_write_json(a.out, result)
 

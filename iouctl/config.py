@@ -46,10 +46,13 @@ def groups() -> list[str]:
     return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 
 
-def compose(command: str, overrides: Sequence[str] = (), allow_missing: bool = False) -> DictConfig:
+def compose(command: str, overrides: Sequence[str] = (), allow_missing: bool = False,
+            choices: dict | None = None) -> DictConfig:
     """Compose the primary config of `command` with Hydra overrides; raise ConfigError (one line) when invalid.
 
     allow_missing: keep required values that are still `???` (for printing the config) instead of failing.
+    choices: a dict filled with the option chosen in each config group ({"model": "iou_net", "experiment": None,
+    ...}: Hydra's runtime.choices), which a run records so that a later command restores it (overrides_restoring).
     """
     if command not in COMMAND_CONFIGS:
         raise ConfigError(f"unknown command {command!r}; valid: {', '.join(COMMAND_CONFIGS)}")
@@ -64,6 +67,10 @@ def compose(command: str, overrides: Sequence[str] = (), allow_missing: bool = F
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name=f"iouctl_{command}"):
             cfg = hydra_compose(config_name=COMMAND_CONFIGS[command], overrides=overrides, return_hydra_config=True)
+            if choices is not None:
+                chosen = OmegaConf.to_container(cfg.hydra.runtime.choices)
+                choices.clear()
+                choices.update({g: chosen[g] for g in groups() if g in chosen})  # not hydra/* nor schema/*
             cfg = _resolved(cfg)
     except MissingConfigException as exc:
         raise ConfigError(_missing_option_message(exc)) from None
@@ -352,50 +359,101 @@ def to_dict(cfg: DictConfig) -> dict:
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
-    """Build an object from a config node with `_target_` (None stays None)."""
+    """Build an object from a config node with `_target_` (None stays None).
+
+    A constructor tells a bad config value apart from a bug by what it raises: an IouctlError (ConfigError) is the
+    user's (one line, exit 2); anything else (a ValueError from a shape inside torchvision, a TypeError) is a bug and
+    keeps its traceback. Hydra's own errors (no such _target_, an interpolation that does not resolve) are one line.
+    """
     if node is None:
         return None
-    from hydra.utils import instantiate as hydra_instantiate
     from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+    from omegaconf.errors import OmegaConfBaseException
+
+    from iouctl.errors import IouctlError
 
     try:
         return hydra_instantiate(node, **kwargs)
     except InstantiationException as exc:
         cause = exc.__cause__
-        from iouctl.errors import IouctlError
-
         if isinstance(cause, IouctlError):
             raise cause from None
-        if isinstance(cause, ValueError):
-            raise ConfigError(f"{node.get('_target_', '?')}: {_one_line(str(cause))}") from None
-        raise
+        # Hydra words the error of the call itself so (hydra/_internal/instantiate/_instantiate2.py, 1.3); the
+        # others are about the config: a target that does not import, arguments that do not collect
+        if cause is not None and str(exc).startswith(("Error in call to target", "Error in creating partial")):
+            raise cause from None  # the constructor's own error: a bug, with the constructor's traceback
+        text = str(exc).replace(", set env var HYDRA_FULL_ERROR=1 to see chained exception", "")
+        raise ConfigError(_one_line(text + (f" ({type(cause).__name__}: {cause})" if cause is not None else ""))) \
+            from None
+    except OmegaConfBaseException as exc:  # an interpolation that does not resolve
+        raise ConfigError(f"{_target_of(node)}: {_one_line(str(exc))}") from None
 
 
-def option_for(group: str, target: str) -> str:
-    """The option file of `group` whose _target_ is `target` (the first, when several share it)."""
-    import yaml
-
-    for option in group_options(group):
-        if yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text()).get("_target_") == target:
-            return option
-    raise ConfigError(f"{group} target {target} matches no option of conf/{group}/")
+def _target_of(node: Any) -> str:
+    return str(node.get("_target_", "?")) if hasattr(node, "get") else "?"
 
 
-def overrides_restoring(saved: dict, groups: Sequence[str], given: Sequence[str]) -> list[str]:
-    """Overrides that bring back the `groups` of a saved resolved config (a run's config.yaml) and its name, except
-    what the user's own overrides `given` set: a group chosen anew keeps that option's values."""
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in given}
+def overrides_restoring(command: str, saved: dict, groups: Sequence[str], given: Sequence[str],
+                        choices: dict | None = None, saved_overrides: Sequence[str] = ()) -> list[str]:
+    """Overrides that bring a run's `groups` (e.g. model, data, pool) back into `command`'s config, from what the run
+    recorded: the option it chose in each group (`choices`; for a run that recorded none, the option file closest to
+    its config), its own overrides of those groups (`saved_overrides`), then its value (`saved`, its config.yaml) of
+    each key that still comes out different (an experiment's setting, a default changed since the run), and its
+    name. A key the option has gained since the run takes that option's default. What the user's own overrides
+    `given` set is left to them: a group chosen anew keeps that option's values."""
+    keys = [_override_key(o) for o in given]
+
+    def given_sets(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in keys)
+
+    restored = [g for g in groups if g not in keys and isinstance(saved.get(g), dict)]
     out = []
-    for group in groups:
-        node = saved.get(group) or {}
-        if group in keys:
-            continue
-        if "_target_" in node:
-            out.append(f"{group}={option_for(group, node['_target_'])}")
-        out += [f"{group}.{k}={_override_value(v)}" for k, v in node.items() if f"{group}.{k}" not in keys]
+    for group in restored:
+        option = choices.get(group) if choices is not None else _closest_option(group, saved[group])
+        if option is not None:
+            out.append(f"{group}={option}")
+        out += [o for o in saved_overrides if _override_key(o).startswith(group + ".") and not given_sets(
+            _override_key(o))]
+    if restored:
+        now = compose(command, [*out, *given], allow_missing=True)
+        for group in restored:
+            have = leaves(OmegaConf.to_container(now[group]) if group in now else None, group)
+            out += [f"{k}={_override_value(v)}" for k, v in leaves(saved[group], group).items()
+                    if k in have and have[k] != v and not given_sets(k)]  # a key the code no longer has: dropped
     if "name" in saved and "name" not in keys:
         out.append(f"name={_override_value(saved['name'])}")
     return out
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def leaves(d: Any, prefix: str) -> dict[str, Any]:
+    """{"model.a.b": leaf} of a nested dict `d` under `prefix` (lists and empty dicts are leaves)."""
+    if not isinstance(d, dict) or not d:
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(leaves(v, f"{prefix}.{k}"))
+    return out
+
+
+def _closest_option(group: str, node: dict) -> str:
+    """For a run that recorded no group choices: the option file of `group` with the run's `_target_` whose values
+    differ from the run's at the fewest keys (iou_net, not faster_rcnn, for a Faster R-CNN with an IoU head)."""
+    target, best = node.get("_target_"), None
+    for option in group_options(group):
+        values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+        if not isinstance(values, dict) or values.get("_target_") != target:
+            continue
+        differing = sum(values.get(k) != v for k, v in node.items())
+        if best is None or differing < best[0]:
+            best = (differing, option)
+    if best is None:
+        raise ConfigError(f"{group} target {target} matches no option of conf/{group}/")
+    return best[1]
 
 
 def _override_value(value: Any) -> str:
@@ -409,3 +467,64 @@ def _override_value(value: Any) -> str:
     if isinstance(value, (str, list)):
         return json.dumps(value)
     return str(value)
+
+
+def option_node(group: str, option: str) -> DictConfig:
+    """One option file of a config group composed alone, typed by its schema: e.g. option_node("nms", "greedy")."""
+    if option not in group_options(group):
+        raise ConfigError(f"{group} option {option!r} is not in conf/{group}/; valid: {', '.join(group_options(group))}")
+    _register_schemas()
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name=f"iouctl_{group}"):
+        return hydra_compose(config_name=None, overrides=[f"+{group}={option}"])[group]
+
+
+def grid_arms(conf: DictConfig) -> list[DictConfig]:
+    """The arm configs of `iouctl nms-ablate`: each option of `conf.grid` (an nms option file) times every combination
+    of its swept values, in the grid's order (the last key varies fastest); filtered by conf.methods / scores /
+    iou_thresholds and given conf.max_per_image. An option may hold a list of sweeps (each expanded in turn); an option
+    in `methods` that the grid does not sweep runs once with its file's settings. A key that is not the option's, or
+    a value out of its range, is a ConfigError."""
+    grid = OmegaConf.to_container(conf.grid) if conf.grid is not None else {}
+    shapes_ok = isinstance(grid, dict) and all(
+        v is None or isinstance(v, dict) or (isinstance(v, list) and all(isinstance(s, dict) for s in v))
+        for v in grid.values())
+    if not shapes_ok:
+        raise ConfigError("grid must map nms options to {key: [values]} (or a list of such sweeps), e.g. "
+                          "grid.greedy={iou_threshold: [0.5, 0.6]}")
+    wanted = [m.replace("-", "_") for m in conf.methods] if conf.methods is not None else list(grid)
+    arms = []
+    for option in wanted:
+        base = option_node("nms", option)
+        sweeps = grid.get(option) or {}
+        for one in (sweeps if isinstance(sweeps, list) else [sweeps]):
+            arms += _sweep_arms(conf, option, base, one)
+    return arms
+
+
+def _sweep_arms(conf: DictConfig, option: str, base: DictConfig, one: dict) -> list[DictConfig]:
+    """The arms of one sweep {key: [values]} of nms option `option` (its composed file: `base`)."""
+    import itertools
+
+    sweep = {k: (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in one.items()}
+    for key in sweep:
+        if key not in base:
+            raise ConfigError(f"grid.{option}.{key}: nms option {option} has no key {key}; its keys: "
+                              f"{', '.join(k for k in base if k != '_target_')}")
+    if conf.scores is not None and "score" in base:
+        sweep["score"] = list(conf.scores)
+    if conf.iou_thresholds is not None and "iou_threshold" in sweep:
+        sweep["iou_threshold"] = list(conf.iou_thresholds)
+    arms = []
+    for values in itertools.product(*sweep.values()):
+        node = base.copy()
+        for key, value in zip(sweep, values):
+            try:
+                node[key] = value
+            except Exception as exc:  # noqa: BLE001 -- OmegaConf's type errors: a wrong value, one line
+                raise ConfigError(f"grid.{option}.{key}={value!r}: {_one_line(str(exc))}") from None
+        node["max_per_image"] = int(conf.max_per_image)
+        _check_node(node, f"grid.{option}.", "nms-ablate", [])
+        arms.append(node)
+    return arms

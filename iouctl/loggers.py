@@ -15,6 +15,7 @@ from typing import Any, Sequence
 log = logging.getLogger(__name__)
 
 WANDB_HOST = "api.wandb.ai"
+_RUN_FOLDERS = (("WANDB_CACHE_DIR", "wandb/cache"), ("WANDB_DATA_DIR", "wandb/data"))  # variable, run subfolder
 
 
 class NullLogger:
@@ -72,7 +73,9 @@ class WandbLogger:
     ) -> None:
         valid = ("auto", "online", "offline", "disabled")
         if mode not in valid:
-            raise ValueError(f"logger.mode={mode!r} is not valid; choose one of {', '.join(valid)}")
+            from iouctl.errors import ConfigError
+
+            raise ConfigError(f"logger.mode={mode!r} is not valid; choose one of {', '.join(valid)}")
         self.project, self.entity, self.mode = project, entity, mode
         self.tags, self.group, self.init_timeout = list(tags), group, float(init_timeout)
         self._run = None
@@ -81,6 +84,7 @@ class WandbLogger:
         self._pending: set[str] = set()
         self._pending_row = False
         self._held: dict[str, Any] = {}  # plots and tables waiting for the next row
+        self._saved_env: dict[str, str | None] | None = None  # WANDB_* as they were before start()
 
     def _resolve_mode(self) -> str:
         if self.mode != "auto":
@@ -93,10 +97,27 @@ class WandbLogger:
         import wandb
 
         run_dir = Path(run_dir)
-        # wandb's cache, staging and run folders live inside the run directory, never in $HOME.
-        for var, sub in (("WANDB_CACHE_DIR", "wandb/cache"), ("WANDB_DATA_DIR", "wandb/data")):
-            (run_dir / sub).mkdir(parents=True, exist_ok=True)
-            os.environ[var] = str(run_dir / sub)
+        # wandb's cache and staging folders live inside the run directory, never in $HOME; wandb reads them from the
+        # environment only, so they are set for the run and restored by finish() (or now, if the start fails)
+        self._saved_env = {var: os.environ.get(var) for var, _ in _RUN_FOLDERS}
+        try:
+            for var, sub in _RUN_FOLDERS:
+                (run_dir / sub).mkdir(parents=True, exist_ok=True)
+                os.environ[var] = str(run_dir / sub)
+            self._init(wandb, run_dir, name, config)
+        except BaseException:
+            self._restore_env()
+            raise
+
+    def _restore_env(self) -> None:
+        saved, self._saved_env = self._saved_env, None
+        for var, value in (saved or {}).items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+    def _init(self, wandb: Any, run_dir: Path, name: str, config: dict) -> None:
         mode = self._resolve_mode()
         settings = wandb.Settings(
             silent=True, init_timeout=self.init_timeout, x_disable_stats=True, console="off"
@@ -174,7 +195,10 @@ class WandbLogger:
             self._hold({name: wandb.Image(str(path))})
 
     def finish(self, status: str) -> None:
-        if self._run is not None:
-            self._release()
-            self._run.finish(exit_code=0 if status == "COMPLETED" else 1)
-            self._run = None
+        try:
+            if self._run is not None:
+                self._release()
+                self._run.finish(exit_code=0 if status == "COMPLETED" else 1)
+                self._run = None
+        finally:
+            self._restore_env()

@@ -1,14 +1,19 @@
-"""The run directory: the one place a command writes to.
+"""The run directory: the one place a command writes to, and the one module that finds runs again.
 
 runs/<command>/<YYYY-mm-dd_HH-MM-SS>_<name>/
     config.yaml      the resolved config            overrides.yaml  the command-line overrides
-    meta.json        argv, git sha + dirty flag, versions, host, pid (+ its start), times, resumed_from
+    choices.yaml     the option chosen in each config group (Hydra's runtime.choices): what a later command restores
+    meta.json        argv, git sha + dirty flag, versions, host, pid (+ its start), times, resumed_from; the device,
+                     dtype and threads the run computed with, and each op's implementation
     log              everything printed, plus tracebacks
     status           RUNNING -> COMPLETED | FAILED | INTERRUPTED (run_state: a RUNNING whose process is gone: KILLED)
     metrics.jsonl    one JSON object per logged row (the source of truth; loggers mirror it)
+    detections/<split>.npz  raw (pre-NMS) detections (DETECTIONS)   source.json  the checkpoint an eval/refine used
+    <step>/          a step of a composite command (the demo's train, ...): a child run, found like any other run
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -22,7 +27,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import (
@@ -34,6 +39,14 @@ from iouctl.fileio import atomic_write, atomic_write_json
 
 STATUSES = ("RUNNING", "COMPLETED", "FAILED", "INTERRUPTED")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DETECTIONS = "detections/{split}.npz"  # a run's raw (pre-NMS) detections of a split: eval/train write, others read
+SOURCE = "source.json"  # {"checkpoint": file}: the weights an eval or refine run used (write_source / read_source)
+CHOICES = "choices.yaml"
+
+
+def detections_file(split: str) -> str:
+    """The raw detections of `split`, relative to a run folder."""
+    return DETECTIONS.format(split=split)
 
 
 class TeeConsole:
@@ -138,6 +151,8 @@ class Run:
         self.logger = logger
         self._metrics = open(dir / "metrics.jsonl", "a", encoding="utf-8")
         self._t0 = time.time()
+        self._step: Run | None = None  # the child run (step) in progress
+        self._steps = 0  # steps opened so far
 
     # files -----------------------------------------------------------------------------------------------------
     def path(self, *parts: str) -> Path:
@@ -147,6 +162,11 @@ class Run:
             raise ValueError(f"path {p} escapes the run directory {self.dir}")
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
+
+    def detections_path(self, split: str) -> Path:
+        """Where the run's raw detections of `split` go (DETECTIONS: where nms-ablate, refine and eval's run= find
+        them), parent folder created."""
+        return self.path(detections_file(split))
 
     def write_json(self, relpath: str, obj: Any) -> Path:
         return atomic_write_json(self.path(relpath), _json_safe(obj))
@@ -163,6 +183,18 @@ class Run:
         """Add fields to meta.json (e.g. resumed_from); the closing status and times are added to them."""
         meta_path = self.dir / "meta.json"
         atomic_write_json(meta_path, {**json.loads(meta_path.read_text()), **_json_safe(fields)})
+
+    def record_runtime(self, device: Any, dtype: str) -> None:
+        """Add what the run computes with to meta.json: the resolved device ("cpu", "cuda:0"), the dtype of its
+        forward passes ("float32"; "float16 autocast" when training with amp) and torch's intra-op thread count."""
+        import torch
+
+        self.update_meta(device=str(device), dtype=dtype, threads=torch.get_num_threads())
+
+    def record_config(self, config_yaml: str, overrides: Sequence[str], choices: dict | None) -> None:
+        """config.yaml, overrides.yaml and choices.yaml: what a later command restores this run from (a child run
+        that trains, like the demo's train step, records them as open_run does)."""
+        write_config(self.dir, config_yaml, overrides, choices)
 
     # metrics ---------------------------------------------------------------------------------------------------
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
@@ -189,12 +221,35 @@ class Run:
             console=self.console.terminal, transient=transient,
         )
 
-    def child(self, name: str) -> "Run":
-        """A step of a composite command (demo): its own folder and metrics.jsonl inside this run, the same console,
-        and metric names prefixed with `name/` in the logger mirror."""
+    def child(self, name: str, command: str | None = None) -> "Run":
+        """A step of a composite command (demo): its own folder, meta.json, status and metrics.jsonl inside this
+        run, the same console, and metric names prefixed with `name/` in the logger mirror. `command`: what the step
+        runs (default: `name` with "-" for "_", folder names being spelled nms_ablate for nms-ablate); the run
+        finders see the step as a run of that command.
+
+        Steps run one after another: opening a step closes the one before as COMPLETED (it returned), and closing
+        this run closes the last with this run's status."""
+        self._close_step("COMPLETED")
         d = self.path(name, "metrics.jsonl").parent
-        return Run(d, self.command, f"{self.name}/{name}", self.console, _PrefixedLogger(self.logger, name),
+        me = os.getpid()
+        self._steps += 1
+        atomic_write_json(d / "meta.json", {
+            "command": command or name.replace("_", "-"), "name": f"{self.name}/{name}", "parent": str(self.dir),
+            "step": self._steps,
+            "host": socket.gethostname(), "pid": me, "pid_started": process_start(me),
+            "started": _dt.datetime.now().isoformat(timespec="seconds")})
+        step = Run(d, self.command, f"{self.name}/{name}", self.console, _PrefixedLogger(self.logger, name),
                    owns_console=False)
+        step.set_status("RUNNING")
+        self._step = step
+        return step
+
+    def _close_step(self, status: str) -> None:
+        step, self._step = self._step, None
+        if step is not None:
+            _close_meta(step, status)
+            step.set_status(status)
+            step.close()
 
     def close(self) -> None:
         self._metrics.close()
@@ -214,6 +269,16 @@ class _PrefixedLogger:
 
     def log_image(self, name: str, path: Path) -> None:
         self.logger.log_image(f"{self.prefix}/{name}", path)
+
+
+def write_config(run_dir: Path, config_yaml: str, overrides: Sequence[str], choices: dict | None) -> None:
+    """The three files a run is restored from: the resolved config, the overrides as given, and the option chosen in
+    each config group (None: not known, nothing written)."""
+    atomic_write(run_dir / "config.yaml", config_yaml)
+    atomic_write(run_dir / "overrides.yaml", "".join(f"- {json.dumps(o)}\n" for o in overrides) or "[]\n")
+    if choices is not None:
+        atomic_write(run_dir / CHOICES, "".join(f"{k}: {json.dumps(v)}\n" for k, v in sorted(choices.items()))
+                     or "{}\n")
 
 
 def new_run_dir(runs_dir: Path, command: str, name: str) -> Path:
@@ -246,11 +311,12 @@ def open_run(
     config: dict | None = None,
     logger: Any = None,
     console: Console | None = None,
+    choices: dict | None = None,
 ) -> Iterator[Run]:
-    """Create a run directory, yield a :class:`Run`, and close it with the right status whatever happens."""
+    """Create a run directory, yield a :class:`Run`, and close it with the right status whatever happens.
+    choices: the option chosen in each config group (config.compose's), recorded for restoring the run."""
     d = new_run_dir(Path(runs_dir), command, name)
-    atomic_write(d / "config.yaml", config_yaml)
-    atomic_write(d / "overrides.yaml", "".join(f"- {json.dumps(o)}\n" for o in overrides) or "[]\n")
+    write_config(d, config_yaml, overrides, choices)
     atomic_write_json(d / "meta.json", collect_meta(command, name))
     tee = TeeConsole(console or Console(stderr=True), d / "log")
     logger = logger if logger is not None else _null_logger()
@@ -279,20 +345,42 @@ def open_run(
 
 
 def _finish(run: Run, status: str, old_term: Any) -> None:
+    run._close_step(status)
     try:
         run.logger.finish(status)
     except Exception as exc:  # a mirror must not turn a finished run into a failed one
         run.console.write_log(f"logger.finish failed: {exc!r}")
-    meta_path = run.dir / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta.update(finished=_dt.datetime.now().isoformat(timespec="seconds"), status=status,
-                duration_s=round(time.time() - run._t0, 3))
-    atomic_write_json(meta_path, meta)
+    _close_meta(run, status)
     run.set_status(status)
     run.console.write_log(f"status: {status}")
     run.close()
     if old_term is not None:
         signal.signal(signal.SIGTERM, old_term)
+
+
+def _close_meta(run: Run, status: str) -> None:
+    """meta.json's closing fields: end time, status, duration, and which implementation each op used."""
+    meta_path = run.dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update(finished=_dt.datetime.now().isoformat(timespec="seconds"), status=status,
+                duration_s=round(time.time() - run._t0, 3))
+    ops = _op_implementations()
+    if ops:
+        meta["ops"] = ops
+    atomic_write_json(meta_path, _json_safe(meta))
+
+
+def _op_implementations() -> dict | None:
+    """{op: implementation} as iouctl.ops resolved them in this process; None when no op was loaded (the module is
+    only looked up, never imported here: it imports torch)."""
+    ext = sys.modules.get("iouctl.ops._extension")
+    report = getattr(ext, "implementations", None)
+    if not callable(report):
+        return None
+    try:
+        return report()
+    except Exception as exc:  # noqa: BLE001 -- a report must not turn a finished run into a failed one
+        return {"error": repr(exc)}
 
 
 def _main_thread() -> bool:
@@ -414,26 +502,82 @@ def headline_metric(run_dir: Path) -> tuple[str, float] | None:
     return ("val/AP", float(ap)) if isinstance(ap, (int, float)) else None
 
 
+# --- finding runs again: every command looks runs up here ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFolder:
+    """A run found under a runs folder: its `dir`, the `command` it ran, its `meta` (meta.json, {} when unreadable)
+    and, for a step of a composite command (the demo's train), the `parent` run."""
+
+    dir: Path
+    command: str
+    meta: dict
+    parent: Path | None = None
+
+    @property
+    def state(self) -> str:
+        """:func:`run_state`; a step made before steps recorded a status has its parent's."""
+        state = run_state(self.dir, self.meta)
+        return run_state(self.parent) if state == "UNKNOWN" and self.parent is not None else state
+
+    def _order(self) -> tuple:
+        # run folder names start with their start time; a step starts after its parent, in the order of its steps
+        if self.parent is None:
+            return self.dir.name, 0, 0, self.command
+        step = self.meta.get("step")
+        return self.parent.name, 1, step if isinstance(step, int) else 0, self.dir.name
+
+
+def _is_run(d: Path) -> bool:
+    return (d / "meta.json").is_file() or (d / "status").is_file()  # run folders, not whatever else is there
+
+
+def _steps(parent: Path) -> Iterator[RunFolder]:
+    """The step runs inside a run folder: the subfolders Run.child made (each has its metrics.jsonl)."""
+    for d in sorted(parent.iterdir()):
+        if d.is_dir() and (d / "metrics.jsonl").is_file():
+            meta = _read_meta(d)
+            yield RunFolder(d, str(meta.get("command") or d.name.replace("_", "-")), meta, parent)
+
+
+def find_runs(runs_dir: str | Path, commands: Sequence[str] | None = None, state: str | None = None,
+              has: str | None = None) -> list[RunFolder]:
+    """The runs under `runs_dir`, newest first: every command's runs (runs/<command>/<stamp>_<name>) and the steps of
+    composite runs (runs/demo/<stamp>_demo/train), a step counting as a run of the command it ran.
+
+    commands: only the runs of these (None: all); state: only the runs in this :func:`run_state` (e.g. "COMPLETED";
+    None: any); has: only the runs holding this file (a path relative to the run folder)."""
+    base = Path(runs_dir).expanduser()
+    found: list[RunFolder] = []
+    for cdir in sorted(base.iterdir()) if base.is_dir() else []:
+        if not cdir.is_dir():
+            continue
+        for d in sorted(cdir.iterdir()):
+            if not d.is_dir() or not _is_run(d):
+                continue
+            found.append(RunFolder(d, cdir.name, _read_meta(d)))
+            found += _steps(d)
+    found = [r for r in found if (commands is None or r.command in commands)
+             and (has is None or (r.dir / has).is_file()) and (state is None or r.state == state)]
+    return sorted(found, key=RunFolder._order, reverse=True)
+
+
 def list_runs(runs_dir: str | Path, commands: Sequence[str] | None = None, limit: int | None = None) -> list[dict]:
-    """The runs under `runs_dir` (of `commands`, default every command), newest first, at most `limit`. Each:
+    """The runs under `runs_dir` (of `commands`, default every command; steps of composite runs included, see
+    :func:`find_runs`), newest first, at most `limit`. Each:
     {"dir", "command", "name", "state" (:func:`run_state`), "started" (ISO time), "duration_s" (to its end; to its
     last write when killed; to now while running), "metric" ((name, value) or None), "resumed_from", "resumed_by"
     (the runs that continued it)}."""
-    base = Path(runs_dir).expanduser()
-    if commands is None:
-        commands = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
-    dirs = [d for c in commands if (base / c).is_dir() for d in (base / c).iterdir()
-            if (d / "meta.json").is_file() or (d / "status").is_file()]  # run folders, not whatever else is there
-    dirs.sort(key=lambda d: (d.name, d.parent.name), reverse=True)  # folder names start with the start time
-    metas = {d: _read_meta(d) for d in dirs}
+    runs = find_runs(runs_dir, commands)
     resumed_by: dict[str, list[str]] = {}
-    for d, meta in metas.items():
-        if meta.get("resumed_from"):
-            resumed_by.setdefault(str(Path(meta["resumed_from"]).resolve()), []).append(str(d))
+    for r in runs:
+        if r.meta.get("resumed_from"):
+            resumed_by.setdefault(str(Path(r.meta["resumed_from"]).resolve()), []).append(str(r.dir))
     out = []
-    for d in dirs[:limit]:
-        meta = metas[d]
-        state = run_state(d, meta)
+    for r in runs[:limit]:
+        d, meta = r.dir, r.meta
+        state = r.state
         started = _epoch(meta.get("started"))
         duration = meta.get("duration_s")
         if duration is None and started is not None:
@@ -442,7 +586,7 @@ def list_runs(runs_dir: str | Path, commands: Sequence[str] | None = None, limit
             elif state == "KILLED":
                 ends = [p.stat().st_mtime for p in (d / "log", d / "metrics.jsonl", d / "status") if p.is_file()]
                 duration = max(ends) - started if ends else None
-        out.append({"dir": d, "command": meta.get("command", d.parent.name), "name": meta.get("name", ""),
+        out.append({"dir": d, "command": r.command, "name": meta.get("name", ""),
                     "state": state, "started": meta.get("started"), "duration_s": duration,
                     "metric": headline_metric(d), "resumed_from": meta.get("resumed_from"),
                     "resumed_by": resumed_by.get(str(d.resolve()), [])})
@@ -477,21 +621,13 @@ def runs_table(runs: Sequence[dict]) -> Any:
     return table
 
 
-def _flatten(d: Any, prefix: str) -> dict[str, Any]:
-    """{"a.b": leaf} for a nested dict under `prefix` (lists and empty dicts are leaves)."""
-    if not isinstance(d, dict) or not d:
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}"))
-    return out
-
-
 def config_differences(wanted: dict, recorded: dict, keys: Sequence[str], ignore: Sequence[str] = ()) -> list[str]:
     """The dotted keys under `keys` where a run's recorded config differs from `wanted`; `ignore`d keys (and those
     under them) are not compared, and `auto` in `wanted` matches the value the run derived from it."""
-    want = {k: v for key in keys for k, v in _flatten(wanted.get(key), key).items()}
-    have = {k: v for key in keys for k, v in _flatten(recorded.get(key), key).items()}
+    from iouctl.config import leaves
+
+    want = {k: v for key in keys for k, v in leaves(wanted.get(key), key).items()}
+    have = {k: v for key in keys for k, v in leaves(recorded.get(key), key).items()}
     absent = object()
     out = []
     for k in sorted(set(want) | set(have)):
@@ -512,9 +648,7 @@ def find_resume_run(runs_dir: str | Path, command: str, relpath: str, wanted: di
 
     from iouctl.errors import IouctlError
 
-    base = Path(runs_dir).expanduser() / command
-    found = sorted((d for d in base.iterdir() if (d / relpath).is_file()), key=lambda d: d.name, reverse=True) \
-        if base.is_dir() else []
+    found = [r.dir for r in find_runs(runs_dir, [command], has=relpath)]
     if not found:
         raise IouctlError(f"resume=true: no {command} run under {runs_dir} has {relpath}; pass run=<dir>")
     misses = []
@@ -538,15 +672,10 @@ def find_resume_run(runs_dir: str | Path, command: str, relpath: str, wanted: di
 
 def latest_run(runs_dir: str | Path, commands: Sequence[str], status: str | None = "COMPLETED",
                has: str | None = None) -> Path | None:
-    """The newest run (by folder name, i.e. start time) of any of `commands` with the given status (None: any), and
+    """The newest run (steps of composite runs included) of any of `commands` in the state `status` (None: any),
     holding the file `has` (a path relative to the run) when given."""
-    found: list[Path] = []
-    for c in commands:
-        base = Path(runs_dir).expanduser() / c
-        if base.is_dir():
-            found += [d for d in base.iterdir() if (d / "status").is_file()
-                      and (status is None or read_status(d) == status) and (has is None or (d / has).is_file())]
-    return max(found, key=lambda d: (d.name, str(d))) if found else None
+    found = find_runs(runs_dir, commands, state=status, has=has)
+    return found[0].dir if found else None
 
 
 def find_run_file(run: str | None, runs_dir: str | Path, commands: Sequence[str], relpath: str,
@@ -569,3 +698,123 @@ def find_run_file(run: str | None, runs_dir: str | Path, commands: Sequence[str]
     if not (path / relpath).is_file():
         raise IouctlError(f"run={run} has no {relpath}")
     return path / relpath
+
+
+# --- what a run recorded, for the commands that continue from it ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    """What a run recorded about its configuration: `config` (config.yaml, resolved), `overrides` (as given) and
+    `choices` (the option chosen in each config group; None for a run made before they were recorded)."""
+
+    config: dict
+    overrides: list[str]
+    choices: dict | None
+
+
+def read_recorded(run_dir: str | Path) -> Recorded:
+    """A run's :class:`Recorded` configuration; one line (IouctlError) when its config.yaml cannot be read."""
+    import yaml
+
+    from iouctl.errors import IouctlError
+
+    d = Path(run_dir)
+
+    def load(name: str, kind: type) -> Any:
+        try:
+            value = yaml.safe_load((d / name).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise IouctlError(f"{d / name}: cannot be read ({' '.join(str(e).split())[:160]})") from None
+        if value is not None and not isinstance(value, kind):
+            raise IouctlError(f"{d / name}: holds a {type(value).__name__}, not a {kind.__name__}")
+        return value
+
+    config = load("config.yaml", dict) or {}
+    overrides = [str(o) for o in load("overrides.yaml", list) or []] if (d / "overrides.yaml").is_file() else []
+    choices = load(CHOICES, dict) if (d / CHOICES).is_file() else None
+    return Recorded(config, overrides, {str(k): v for k, v in (choices or {}).items()} if choices is not None else None)
+
+
+def write_source(run: Run, checkpoint: str | Path) -> None:
+    """Record in `run` the checkpoint whose weights it used (source.json; :func:`read_source` reads it)."""
+    run.write_json(SOURCE, {"checkpoint": str(checkpoint)})
+
+
+def read_source(run_dir: str | Path) -> Path | None:
+    """The checkpoint a run's source.json names; None when the run has none; one line (IouctlError) when the file
+    cannot be read as one."""
+    from iouctl.errors import IouctlError
+
+    path = Path(run_dir) / SOURCE
+    if not path.is_file():
+        return None
+    try:
+        checkpoint = json.loads(path.read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise IouctlError(f"{path}: cannot be read as {{\"checkpoint\": <file>}} ({type(e).__name__}: {e})") from None
+    if not isinstance(checkpoint, str) or not checkpoint:
+        raise IouctlError(f"{path}: 'checkpoint' is {checkpoint!r}, not a file name")
+    return Path(checkpoint)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A trained model reached through a run: the train or eval `run` given or found, the `train_run` whose weights
+    it holds or used, that run's `checkpoint`, and `run`'s cached raw detections of the split (None: it has none)."""
+
+    run: Path
+    train_run: Path
+    checkpoint: Path
+    detections: Path | None
+
+
+def train_run_of(run_dir: str | Path, checkpoint: str) -> Path:
+    """The train run behind a train run (it holds `checkpoint`, a path relative to the run) or an eval run (its
+    source.json names such a checkpoint). One line (IouctlError) when there is none."""
+    from iouctl.errors import IouctlError
+
+    run_dir = Path(run_dir)
+    if (run_dir / checkpoint).is_file():
+        return run_dir
+    ckpt = read_source(run_dir)
+    if ckpt is None:
+        raise IouctlError(f"run={run_dir} is neither a train run (no {checkpoint}) nor an eval run of one")
+    if not ckpt.is_file():
+        raise IouctlError(f"run={run_dir}: its checkpoint {ckpt} no longer exists")
+    depth = len(Path(checkpoint).parts)
+    train = ckpt.parents[depth - 1] if len(ckpt.parts) > depth else None
+    if train is None or train / checkpoint != ckpt or not (train / "config.yaml").is_file():
+        raise IouctlError(f"run={run_dir} evaluated {ckpt}, which is not inside a train run (no config.yaml to "
+                          f"rebuild its model from); pass run=<the train run>")
+    return train
+
+
+def find_model_run(run: str | None, runs_dir: str | Path, checkpoint: str, split: str,
+                   usable: Callable[[dict], bool] = lambda config: True, wanted: str = "",
+                   hint: str = "pass run=<dir>") -> Source:
+    """The :class:`Source` of `run` (a train or eval run folder) or, with run=None, of the newest completed train or
+    eval run (steps of composite runs included) whose config.yaml `usable` accepts and whose train run is there.
+    `wanted` and `hint` complete the one line (IouctlError) said when there is none: "no completed train/eval run
+    {wanted} under {runs_dir}; {hint}"."""
+    import yaml
+
+    from iouctl.errors import IouctlError
+
+    def source(d: Path, train: Path) -> Source:
+        dets = d / detections_file(split)
+        return Source(d, train, train / checkpoint, dets if dets.is_file() else None)
+
+    if run is not None:
+        run_dir = Path(run).expanduser()
+        if not (run_dir / "config.yaml").is_file():
+            raise IouctlError(f"run={run}: no such run folder (a train or eval run directory)")
+        return source(run_dir, train_run_of(run_dir, checkpoint))
+    for r in find_runs(runs_dir, ["train", "eval"], state="COMPLETED", has="config.yaml"):
+        try:
+            config = yaml.safe_load((r.dir / "config.yaml").read_text())
+            if isinstance(config, dict) and usable(config):
+                return source(r.dir, train_run_of(r.dir, checkpoint))
+        except (OSError, yaml.YAMLError, IouctlError):
+            continue  # an unreadable run, or an eval run whose train run is gone: the next one
+    raise IouctlError(f"no completed train/eval run{' ' + wanted if wanted else ''} under {runs_dir}; {hint}")

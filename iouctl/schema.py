@@ -38,9 +38,12 @@ def key(range: Optional[str] = None, *, default: Any = MISSING, choices: tuple =
 BACKBONES = ("small", "resnet18", "resnet50")
 HEAD_NORMS = ("none", "group")
 IOU_SUPERVISION = ("positives", "overlapping")
+QUALITIES = ("none", "iou", "centerness", "iou_cls", "qfl")  # iouctl.models.contract.QUALITIES
 IOU_LOSSES = ("smooth_l1", "bce")
 SCORES = ("cls", "iou", "fused")
 SOFT_METHODS = ("linear", "gaussian")
+MATRIX_KERNELS = ("gaussian", "linear")  # iouctl.ops.postprocess.MATRIX_KERNELS
+WBF_CONF_TYPES = ("avg", "max")  # iouctl.ops.postprocess.WBF_CONF_TYPES
 REPORT_SCORES = ("cls", "cluster", "cls_times_iou")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
 EVAL_BACKENDS = ("faster-coco-eval", "pycocotools")
@@ -49,6 +52,7 @@ SPLITS = ("train", "val")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 BENCH_IMPLS = ("all", "prroi", "prroi_reference", "roi_align", "roi_align_adaptive", "roi_pool")
 BENCH_DEVICES = ("auto", "cpu", "cuda")
+ANALYSES = ("errors", "calibration", "oracle")
 DEMO_STEPS = ("data", "train", "nms-ablate", "refine", "bench-pool")
 
 SEED = "[0, 4294967295]"  # numpy's generators take seeds below 2**32
@@ -114,16 +118,18 @@ class _Detector:
     max_size: Any = MISSING
     anchor_sizes: Any = MISSING
     aspect_ratios: List[float] = key(POSITIVE, size=AT_LEAST_1)
-    detections_per_img: int = key(AT_LEAST_1)
-    iou_head: bool = MISSING
     iou_loss_weight: float = key(AT_LEAST_0)
+    # the post-processing its paper uses, as nms overrides applied before the user's (nms=... given: not applied)
+    inference: List[str] = key(size=AT_LEAST_1)
+    cls_weight: float = key(PROBABILITY)  # a in the fused score cls^a * IoU^(1-a)
 
 
 @dataclass
 class RetinaModel(_Detector):
+    # the localization-quality head: none | iou | centerness | iou_cls | qfl (iouctl.models.retina)
+    quality: str = key(choices=QUALITIES)
     score_thresh: float = key("[0, 1)")
     topk_candidates: int = key(AT_LEAST_1)
-    cls_weight: float = key(PROBABILITY)  # a in cls^a * IoU^(1-a)
     detach_iou_target: bool = MISSING
     # none (the paper's heads) | group (GroupNorm in the towers, torchvision's v2)
     head_norm: str = key(choices=HEAD_NORMS, default="none")
@@ -132,11 +138,15 @@ class RetinaModel(_Detector):
     # anchors per level at size * 2^(k / n), k < n (the paper: 3)
     scales_per_octave: int = key(AT_LEAST_1, default=1)
     fg_iou_thresh: float = key(PROBABILITY, default=0.5)  # anchor-GT IoU for a positive (the paper: 0.5)
-    bg_iou_thresh: float = key(PROBABILITY, default=0.4)  # below: negative; in between: ignored (the paper: 0.4)
+    bg_iou_thresh: float = key(PROBABILITY, default=0.4)
+    # FPN and head width; null: the backbone's (64 for small, 256 for the ResNets)
+    fpn_channels: Optional[int] = key(AT_LEAST_1, default=None)  # below: negative; in between: ignored (the paper: 0.4)
 
 
 @dataclass
 class RCNNModel(_Detector):
+    detections_per_img: int = key(AT_LEAST_1)  # raw candidates kept per image: max(1000, 10x this)
+    iou_head: bool = MISSING
     box_score_thresh: float = key("[0, 1)")
     iou_loss: str = key(choices=IOU_LOSSES)
     jitter_per_gt: int = key(AT_LEAST_1)
@@ -164,7 +174,6 @@ class GreedyNMS:
     _target_: str = MISSING
     iou_threshold: float = key(PROBABILITY)
     score: str = key(choices=SCORES)  # the ranking score
-    cls_weight: float = key(PROBABILITY)
     max_per_image: int = key(AT_LEAST_1)
 
 
@@ -183,7 +192,59 @@ class SoftNMS:
     iou_threshold: float = key(PROBABILITY)
     score_threshold: float = key("[0, 1)")  # scores are in [0, 1]: a threshold of 1 would drop every box
     score: str = key(choices=SCORES)
-    cls_weight: float = key(PROBABILITY)
+    max_per_image: int = key(AT_LEAST_1)
+
+
+@dataclass
+class DIoUNMS:
+    _target_: str = MISSING
+    iou_threshold: float = key(PROBABILITY)
+    beta: float = key(POSITIVE)  # exponent of the centre-distance penalty
+    score: str = key(choices=SCORES)
+    max_per_image: int = key(AT_LEAST_1)
+
+
+@dataclass
+class MatrixNMS:
+    _target_: str = MISSING
+    kernel: str = key(choices=MATRIX_KERNELS)
+    sigma: float = key(POSITIVE)
+    score: str = key(choices=SCORES)
+    max_per_image: int = key(AT_LEAST_1)
+
+
+@dataclass
+class ClusterNMS:
+    _target_: str = MISSING
+    iou_threshold: float = key(PROBABILITY)
+    spm: bool = MISSING
+    distance: bool = MISSING
+    weighted: bool = MISSING
+    sigma: float = key(POSITIVE)
+    beta: float = key(POSITIVE)
+    weight_threshold: float = key(PROBABILITY)
+    score_threshold: float = key("[0, 1)")
+    max_iterations: int = key(AT_LEAST_1)
+    score: str = key(choices=SCORES)
+    max_per_image: int = key(AT_LEAST_1)
+
+
+@dataclass
+class BoxVoting:
+    _target_: str = MISSING
+    iou_threshold: float = key(PROBABILITY)
+    vote_threshold: float = key("(0, 1]")  # 0 would make every box of the class a voter
+    score: str = key(choices=SCORES)
+    max_per_image: int = key(AT_LEAST_1)
+
+
+@dataclass
+class WeightedBoxesFusion:
+    _target_: str = MISSING
+    iou_threshold: float = key(PROBABILITY)
+    skip_box_threshold: float = key("[0, 1)")
+    conf_type: str = key(choices=WBF_CONF_TYPES)
+    score: str = key(choices=SCORES)
     max_per_image: int = key(AT_LEAST_1)
 
 
@@ -322,12 +383,14 @@ class NmsAblate(_Command):
     split: str = key(choices=SPLITS)
     data: Any = MISSING
     nms: Any = MISSING
-    scores: List[str] = key(choices=SCORES, size=AT_LEAST_1)
-    methods: List[str] = key(group="nms", sep="-", size=AT_LEAST_1)  # the nms options, iou_guided as iou-guided
-    iou_thresholds: List[float] = key(PROBABILITY, size=AT_LEAST_1)
-    cls_weight: float = key(PROBABILITY)
-    soft_sigma: float = key(POSITIVE)
-    soft_score_threshold: float = key("[0, 1)")
+    # {nms option: {key of that option: [values swept]}}: checked by iouctl.config.grid_arms against the option's schema
+    grid: Any = MISSING
+    # filters of the grid (null: all): options (iou_guided written iou-guided), ranking scores, IoU thresholds
+    methods: Optional[List[str]] = key(group="nms", sep="-", size=AT_LEAST_1, default=None)
+    scores: Optional[List[str]] = key(choices=SCORES, size=AT_LEAST_1, default=None)
+    iou_thresholds: Optional[List[float]] = key(PROBABILITY, size=AT_LEAST_1, default=None)
+    cls_weight: Optional[float] = key(PROBABILITY, default=None)  # null: the model's (recorded with its detections)
+    analyses: List[str] = key(choices=ANALYSES)
     max_per_image: int = key(AT_LEAST_1)
     eval_backend: str = key(choices=EVAL_BACKENDS)
 
@@ -382,7 +445,8 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
     "data": {"shapes": ShapesData, "coco": CocoData},
     "model": {"retina": RetinaModel, "rcnn": RCNNModel},
     "pool": {"prroi": PrRoIPool, "roi_align": RoIAlign},
-    "nms": {"greedy": GreedyNMS, "iou_guided": IoUGuidedNMS, "soft": SoftNMS},
+    "nms": {"greedy": GreedyNMS, "iou_guided": IoUGuidedNMS, "soft": SoftNMS, "diou": DIoUNMS, "matrix": MatrixNMS,
+            "cluster": ClusterNMS, "box_voting": BoxVoting, "wbf": WeightedBoxesFusion},
     "refiner": {"iou_net": IoURefiner},
     "optim": {"sgd": SGD, "adamw": AdamW},
     "logger": {"none": NoLogger, "wandb": WandbLogger},

@@ -15,7 +15,8 @@ def _isolated_runs(tmp_path, monkeypatch):
 
 
 def pytest_configure(config):
-    # One shared cache per test session for generated datasets and compiled kernels (CI starts cold once).
+    # One shared cache per test session for generated datasets (CI starts cold once). The compiled kernels have their
+    # own folder ($IOUCTL_KERNEL_CACHE), so a test that points IOUCTL_CACHE_DIR at a temp folder does not rebuild them.
     os.environ.setdefault("IOUCTL_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "iouctl"))
 
 

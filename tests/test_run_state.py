@@ -54,6 +54,7 @@ def _sleeper(runs_dir):
     return proc, Path(proc.stdout.readline().strip())
 
 
+@pytest.mark.slow
 def test_a_sigkilled_run_reads_killed(tmp_path):
     proc, d = _sleeper(tmp_path / "runs")
     try:
@@ -192,6 +193,7 @@ def test_resume_picks_the_newest_matching_run(tmp_path):
         find_resume_run(tmp_path / "empty", "train", ckpt, CONF, KEYS)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_run_still_running(tmp_path):
     runs = tmp_path / "runs"
     me = {"pid": os.getpid(), "pid_started": process_start(os.getpid())}
@@ -210,6 +212,7 @@ TINY = ["model=retina", "experiment=tiny", "data.num_train=8", "data.num_val=4",
         "checkpoint_every=1", "eval_every=100"]
 
 
+@pytest.mark.slow
 def test_cli_resume_without_run_matches_the_config(tmp_path):
     """A newer run of another schedule is passed over for the killed run of this one; no match is one line and no
     run folder; the resumed run ends COMPLETED and the killed one is listed as resumed by it."""

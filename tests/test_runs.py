@@ -98,6 +98,7 @@ def test_latest_run(tmp_path):
     assert latest_run(tmp_path / "runs", ["train"]) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_in_a_real_process(tmp_path, sig):
     # as the CLI runs a command: inside user_errors, which turns the interruption into one line and an exit code
@@ -173,3 +174,90 @@ def test_find_run_file(tmp_path):
         find_run_file(str(tmp_path / "nope"), runs, ["eval"], "detections/val.txt")
     with pytest.raises(IouctlError, match="no completed train run"):
         find_run_file(None, runs, ["train"], "detections/val.txt")
+
+
+def test_steps_of_a_composite_run_are_runs_of_their_command(tmp_path):
+    """The demo's steps (child runs) have their own meta.json and status and are found like any other run."""
+    from iouctl.runs import find_run_file, list_runs, run_state
+
+    with open_run("demo", "d", tmp_path / "runs", "a: 1\n", []) as run:
+        train = run.child("train")
+        train.write_text("detections/val.npz", "x")
+        assert run_state(train.dir) == "RUNNING"
+        ablate = run.child("nms_ablate")  # the train step returned: it is COMPLETED
+        assert read_status(train.dir) == "COMPLETED" and read_status(ablate.dir) == "RUNNING"
+    assert read_status(ablate.dir) == "COMPLETED"
+    meta = json.loads((train.dir / "meta.json").read_text())
+    assert meta["command"] == "train" and meta["parent"] == str(run.dir) and meta["status"] == "COMPLETED"
+    assert json.loads((ablate.dir / "meta.json").read_text())["command"] == "nms-ablate"
+    runs = tmp_path / "runs"
+    assert latest_run(runs, ["train"]) == train.dir
+    assert find_run_file(None, runs, ["eval", "train"], "detections/val.npz") == train.dir / "detections/val.npz"
+    listed = list_runs(runs)
+    assert [(r["dir"], r["command"], r["state"]) for r in listed] == [
+        (ablate.dir, "nms-ablate", "COMPLETED"), (train.dir, "train", "COMPLETED"), (run.dir, "demo", "COMPLETED")]
+    time.sleep(1.1)
+    with _open(tmp_path) as later:  # a newer run of another command sorts first
+        pass
+    assert list_runs(runs)[0]["dir"] == later.dir and latest_run(runs, ["train"]) == train.dir
+
+
+def test_a_failed_composite_run_fails_its_open_step(tmp_path):
+    from iouctl.runs import find_runs
+
+    with pytest.raises(ZeroDivisionError):
+        with open_run("demo", "d", tmp_path / "runs", "a: 1\n", []) as run:
+            train = run.child("train")
+            train.write_text("detections/val.npz", "x")
+            refine = run.child("refine")
+            1 / 0
+    assert read_status(train.dir) == "COMPLETED" and read_status(refine.dir) == "FAILED"
+    assert latest_run(tmp_path / "runs", ["refine"]) is None  # only COMPLETED runs, by default
+    assert [r.dir for r in find_runs(tmp_path / "runs", ["refine"], state="FAILED")] == [refine.dir]
+
+
+def test_a_step_from_before_steps_had_a_status_takes_its_parents(tmp_path):
+    from iouctl.runs import find_runs
+
+    with open_run("demo", "d", tmp_path / "runs", "a: 1\n", []) as run:
+        run.child("train").write_text("checkpoints/last.pt", "x")
+    for name in ("meta.json", "status"):  # as an older demo left its steps: metrics.jsonl and the step's files
+        (run.dir / "train" / name).unlink()
+    (found,) = find_runs(tmp_path / "runs", ["train"], has="checkpoints/last.pt")
+    assert found.dir == run.dir / "train" and found.state == "COMPLETED" and found.parent == run.dir
+
+
+def test_source_contract(tmp_path):
+    from iouctl.errors import IouctlError
+    from iouctl.runs import read_source, train_run_of, write_source
+
+    with _open(tmp_path) as train:
+        train.write_text("checkpoints/last.pt", "x")
+    with _open(tmp_path) as ev:
+        write_source(ev, train.dir / "checkpoints/last.pt")
+    assert read_source(ev.dir) == train.dir / "checkpoints/last.pt" and read_source(train.dir) is None
+    assert train_run_of(ev.dir, "checkpoints/last.pt") == train_run_of(train.dir, "checkpoints/last.pt") == train.dir
+    (ev.dir / "source.json").write_text('{"weights": "x"}')
+    with pytest.raises(IouctlError, match="source.json: cannot be read as"):
+        train_run_of(ev.dir, "checkpoints/last.pt")
+    (ev.dir / "source.json").write_text(json.dumps({"checkpoint": str(tmp_path / "elsewhere.pt")}))
+    with pytest.raises(IouctlError, match="no longer exists"):
+        train_run_of(ev.dir, "checkpoints/last.pt")
+
+
+def test_meta_records_the_runtime_and_the_ops_implementations(tmp_path, monkeypatch):
+    import types
+
+    import torch
+
+    report = {"prroi_pool": {"impl": "cpp"}, "nms": {"impl": "reference"}}
+    monkeypatch.setitem(sys.modules, "iouctl.ops._extension", types.SimpleNamespace(implementations=lambda: report))
+    with _open(tmp_path) as run:
+        run.record_runtime(torch.device("cpu"), "float32")
+    meta = json.loads((run.dir / "meta.json").read_text())
+    assert meta["device"] == "cpu" and meta["dtype"] == "float32" and meta["threads"] == torch.get_num_threads()
+    assert meta["ops"] == report
+    monkeypatch.delitem(sys.modules, "iouctl.ops._extension")  # no op loaded: nothing said
+    with _open(tmp_path) as run:
+        pass
+    assert "ops" not in json.loads((run.dir / "meta.json").read_text())

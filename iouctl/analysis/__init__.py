@@ -1,4 +1,5 @@
-"""COCO AP, IoU-vs-score correlation and plots for raw or post-processed detections (plain functions)."""
+"""COCO AP, IoU-vs-score correlation, oracle bounds, TIDE errors, calibration and plots for raw or post-processed
+detections (plain functions)."""
 
 from iouctl.analysis.coco_eval import (
     AP_KEYS,
@@ -14,8 +15,21 @@ from iouctl.analysis.coco_eval import (
 )
 from iouctl.analysis.correlation import correlations, matched_correlations, pairwise_iou_xyxy, pearson, true_iou
 from iouctl.analysis.groundtruth import BACKENDS, GroundTruth, GroundTruthError, clear_gt_cache, load_gt
-from iouctl.analysis.plots import plot_ap_vs_threshold, plot_iou_before_after, plot_score_vs_iou
+from iouctl.analysis.plots import (
+    plot_ap_deltas, plot_ap_vs_threshold, plot_dap_heatmap, plot_iou_before_after, plot_reliability, plot_score_vs_iou,
+    plot_tide_errors,
+)
 from iouctl.analysis.synthetic import synthesize_detections
+from iouctl.analysis.errors import (
+    ERROR_TYPES, ErrorBreakdown, coco_ap, error_breakdown, errors_markdown, match_detections,
+)
+from iouctl.analysis.calibration import (
+    LRP, LaECE, Reliability, analyze_arm, calibration_markdown, calibration_report, iou_calibration, laece, lrp,
+    reliability,
+)
+from iouctl.analysis.oracle import (
+    ORACLES, OracleReport, oracle_bounds, oracle_markdown, perfect_classification, with_true_iou,
+)
 
 __all__ = [
     "AP_KEYS",
@@ -36,9 +50,35 @@ __all__ = [
     "matched_correlations",
     "pairwise_iou_xyxy",
     "pearson",
+    "plot_ap_deltas",
     "plot_ap_vs_threshold",
+    "plot_dap_heatmap",
     "plot_iou_before_after",
+    "plot_reliability",
     "plot_score_vs_iou",
+    "plot_tide_errors",
+    "ERROR_TYPES",
+    "ErrorBreakdown",
+    "coco_ap",
+    "error_breakdown",
+    "errors_markdown",
+    "match_detections",
+    "LRP",
+    "LaECE",
+    "analyze_arm",
+    "Reliability",
+    "calibration_markdown",
+    "calibration_report",
+    "iou_calibration",
+    "laece",
+    "lrp",
+    "reliability",
+    "ORACLES",
+    "OracleReport",
+    "oracle_bounds",
+    "oracle_markdown",
+    "perfect_classification",
+    "with_true_iou",
     "summarize_eval",
     "synthesize_detections",
     "true_iou",

@@ -46,7 +46,8 @@ def train(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> N
 # What a run to resume must share with the composed config (the rest, e.g. device, num_workers, eval_every, nms,
 # logger, may change): everything that decides the weights at a given iteration.
 RESUME_MATCH = ("model", "data", "augment", "pool", "optim", "schedule", "seed", "batch_size", "clip_grad_norm", "amp")
-RESUME_IGNORED = ("data.workers", "data.check_images")  # threads and when images are opened: same data
+# threads and when images are opened: same data; the post-processing of the model's detections: same weights
+RESUME_IGNORED = ("data.workers", "data.check_images", "model.inference", "model.cls_weight")
 
 
 def _resume_checkpoint(overrides: Optional[List[str]]):
@@ -92,9 +93,11 @@ def evaluate(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -
             found["checkpoint"], found["extra"] = _train_run_overrides(overrides)
 
     def body(conf, run):
+        from iouctl.runs import write_source
+
         _, model, evaluate_fn, *_ = _detector_inputs(conf, run)
         state = _load_weights(model, found["checkpoint"], conf)
-        run.write_json("source.json", {"checkpoint": str(found["checkpoint"])})  # what refine run=<this> reads
+        write_source(run, found["checkpoint"])  # what refine run=<this> reads
         return evaluate_fn(model, step=int(state.get("iteration", 0)), split=str(conf.split))
 
     run_experiment("eval", overrides, cfg, body, extra_overrides=found.get("extra"))
@@ -112,13 +115,20 @@ def _compose_for_lookup(command: str, overrides: Optional[List[str]]):
     return compose(command, kept, allow_missing=True)  # data=coco without its data.root: the run restores it
 
 
+def _restoring(command: str, run_dir, groups, overrides: Optional[List[str]]) -> List[str]:
+    """Overrides that bring `groups` of the run in `run_dir` back into `command`'s config, from its recorded group
+    choices, overrides and config (config.overrides_restoring); the user's `overrides` keep what they set."""
+    from iouctl import config
+    from iouctl.runs import read_recorded
+
+    rec = read_recorded(run_dir)
+    return config.overrides_restoring(command, rec.config, groups, overrides or [], rec.choices, rec.overrides)
+
+
 def _train_run_overrides(overrides: Optional[List[str]]) -> tuple:
     """(checkpoint file, overrides that restore the train run's model/data/pool) for `iouctl eval`."""
     from pathlib import Path
 
-    import yaml
-
-    from iouctl import config
     from iouctl.engine.train import CHECKPOINT
     from iouctl.errors import IouctlError
     from iouctl.runs import find_run_file
@@ -130,8 +140,7 @@ def _train_run_overrides(overrides: Optional[List[str]]) -> tuple:
             raise IouctlError(f"checkpoint={conf.checkpoint}: no such file")
         return ckpt, []
     ckpt = find_run_file(conf.run, conf.paths.runs_dir, ["train"], CHECKPOINT)
-    trained = yaml.safe_load((ckpt.parent.parent / "config.yaml").read_text())
-    return ckpt, config.overrides_restoring(trained, RESTORED, overrides or [])
+    return ckpt, _restoring("eval", ckpt.parent.parent, RESTORED, overrides)
 
 
 def _load_weights(model, checkpoint, conf) -> dict:
@@ -141,6 +150,17 @@ def _load_weights(model, checkpoint, conf) -> dict:
     state = load_checkpoint(checkpoint)
     load_model_state(model, state, checkpoint, str(conf.model._target_), conf.model)
     return state
+
+
+# Model keys for the post-processing (conf/model/*.yaml), not arguments of the model's constructor
+POSTPROCESS_KEYS = ("inference", "cls_weight")
+
+
+def model_constructor_args(model_conf):
+    """The model config without POSTPROCESS_KEYS: what its `_target_` is called with."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.masked_copy(model_conf, [k for k in model_conf if k not in POSTPROCESS_KEYS])
 
 
 def _detector_inputs(conf, run) -> tuple:
@@ -159,23 +179,26 @@ def _detector_inputs(conf, run) -> tuple:
     from iouctl.engine.sizes import resolve_auto_sizes
     conf = resolve_auto_sizes(conf, data, run)  # model sizes `auto` -> values from the train split, in config.yaml
     torch.manual_seed(int(conf.seed))  # the initial weights are part of the experiment
-    model = config.instantiate(conf.model, num_classes=data.num_classes, pool=config.instantiate(conf.pool))
+    model = config.instantiate(model_constructor_args(conf.model), num_classes=data.num_classes,
+                               pool=config.instantiate(conf.pool))
     nms = config.instantiate(conf.nms)
     device = resolve_device(str(conf.device))
+    amp = bool(conf.get("amp", False)) and device.type == "cuda"  # as engine.train decides it: autocast on CUDA only
+    run.record_runtime(device, "float16 autocast" if amp else "float32")
     cats = CategoryMap(data.categories)
 
     def predict_fn(net, split="val"):
         return predict(net.to(device), data.dataset(split), cats.ids, device, int(conf.batch_size),
                        int(conf.num_workers), run, {"model": conf.model._target_, "split": split,
-                                                    "data": dataset_record(data, split)})
+                                                    "data": dataset_record(data, split),
+                                                    "cls_weight": float(conf.model.cls_weight)})
 
     gts: dict = {}  # one ground truth per split: its COCO index is built once for all the run's evaluations
 
     def evaluate_fn(net, step=None, split="val"):
         if split not in gts:
             gts[split] = ground_truth(data, split)
-        return evaluate_detections(run, predict_fn(net, split), gts[split], nms, str(conf.eval_backend),
-                                   split, float(getattr(nms, "cls_weight", 0.5)), step)
+        return evaluate_detections(run, predict_fn(net, split), gts[split], nms, str(conf.eval_backend), split, step)
 
     return data, model, evaluate_fn, predict_fn, device, cats
 
@@ -186,11 +209,13 @@ class Score(str, Enum):
     fused = "fused"
 
 
-class Method(str, Enum):
-    greedy = "greedy"
-    iou_guided = "iou-guided"
-    soft_linear = "soft-linear"
-    soft_gaussian = "soft-gaussian"
+def _nms_options() -> list[str]:
+    from iouctl.config import group_options
+
+    return [o.replace("_", "-") for o in group_options("nms")]
+
+
+Method = Enum("Method", {o.replace("-", "_"): o for o in _nms_options()}, type=str)  # the options of conf/nms/
 
 
 @app.command("nms-ablate")
@@ -220,7 +245,8 @@ def nms_ablate(
         from iouctl import config
         from iouctl.engine.nms_ablate import nms_ablate as run_ablation
 
-        return run_ablation(conf, run, config.instantiate(conf.data), config.instantiate(conf.nms),
+        grid = [config.instantiate(arm) for arm in config.grid_arms(conf)]
+        return run_ablation(conf, run, config.instantiate(conf.data), config.instantiate(conf.nms), grid,
                             found["detections"])
 
     run_experiment("nms-ablate", overrides, cfg, body, extra_overrides=[*extra, *found.get("extra", [])])
@@ -229,25 +255,25 @@ def nms_ablate(
 def _detections_run_overrides(overrides: List[str]) -> tuple:
     """(raw detections file or None for synthetic ones, overrides restoring the data config of the run that made
     them) for `iouctl nms-ablate`: the detections are scored against their own dataset unless data is overridden."""
-    import yaml
+    from pathlib import Path
 
-    from iouctl import config
     from iouctl.cli.common import compose
     from iouctl.errors import IouctlError
-    from iouctl.runs import find_run_file
+    from iouctl.runs import detections_file, find_run_file
 
     conf = _compose_for_lookup("nms-ablate", overrides)
     if conf.synthetic:
         return None, []
+    relpath = detections_file(str(conf.split))
     try:
-        detections = find_run_file(conf.run, conf.paths.runs_dir, ["eval", "train"], f"detections/{conf.split}.npz")
+        detections = find_run_file(conf.run, conf.paths.runs_dir, ["eval", "train"], relpath)
     except IouctlError as e:
         compose("nms-ablate", overrides)  # no run to restore data from: a value still missing is the first error
         raise IouctlError(f"{e}, or use --synthetic") from None
-    made_by = detections.parent.parent / "config.yaml"
-    if not made_by.is_file():  # a detections file given directly, outside any run: the data given is used
+    made_by = detections.parents[len(Path(relpath).parts) - 1]
+    if not (made_by / "config.yaml").is_file():  # a detections file given directly, outside any run: the data given
         return detections, []
-    return detections, config.overrides_restoring(yaml.safe_load(made_by.read_text()) or {}, ["data"], overrides)
+    return detections, _restoring("nms-ablate", made_by, ["data"], overrides)
 
 
 @app.command()
@@ -257,13 +283,16 @@ def refine(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> 
     found: dict = {}
     if not cfg:
         with user_errors():  # a missing or unsuitable run fails before a run directory is made
-            from iouctl import config
-            from iouctl.engine.refine import find_source
+            from iouctl.engine.refine import FIND_REFINABLE, check_refinable
+            from iouctl.engine.train import CHECKPOINT
+            from iouctl.runs import find_model_run, read_recorded
 
             conf = _compose_for_lookup("refine", overrides)
-            found["checkpoint"], trained, found["detections"] = find_source(conf.run, str(conf.paths.runs_dir),
-                                                                            str(conf.split))
-            found["extra"] = config.overrides_restoring(trained, RESTORED, overrides or [])
+            source = find_model_run(conf.run, str(conf.paths.runs_dir), CHECKPOINT, str(conf.split), **FIND_REFINABLE)
+            check_refinable(source.run, read_recorded(source.train_run).config)
+            found["checkpoint"], found["detections"] = source.checkpoint, source.detections
+            # the run's own record: an eval run's data may differ from its train run's
+            found["extra"] = _restoring("refine", source.run, RESTORED, overrides)
 
     def body(conf, run):
         return _refine_run(conf, run, found["checkpoint"], found["detections"])
@@ -275,10 +304,11 @@ def _refine_run(conf, run, checkpoint, detections):
     """Refine with the model of `checkpoint` on cached raw `detections` (None: run inference first)."""
     from iouctl import config
     from iouctl.engine.refine import refine as run_refine
+    from iouctl.runs import write_source
 
     data, model, _, predict_fn, device, cats = _detector_inputs(conf, run)
     _load_weights(model, checkpoint, conf)
-    run.write_json("source.json", {"checkpoint": str(checkpoint)})
+    write_source(run, checkpoint)
     return run_refine(conf, run, data, model, config.instantiate(conf.refiner), config.instantiate(conf.nms),
                       cats.ids, device, detections, lambda: predict_fn(model, str(conf.split)))
 
@@ -364,8 +394,11 @@ def demo(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> No
 
             conf = compose("demo", overrides)
             check_steps(list(conf.steps))
-            steps["train"] = compose("train", [*conf.train_overrides, *shared])
-            restore = config.overrides_restoring(config.to_dict(steps["train"]), RESTORED, shared)
+            train_overrides, train_choices = [*conf.train_overrides, *shared], {}
+            steps["train"] = compose("train", train_overrides, choices=train_choices)
+            steps["train record"] = (train_overrides, train_choices)  # what the train step records, as runs do
+            restore = config.overrides_restoring("refine", config.to_dict(steps["train"]), RESTORED,
+                                                 [*conf.refine_overrides, *shared], train_choices, train_overrides)
             steps["refine"] = compose("refine", [*restore, *conf.refine_overrides, *shared])
             same_data = [o for o in restore if _key(o).split(".")[0] == "data"]  # the GT of the trained model's data
             steps["ablate"] = compose("nms-ablate", [*same_data, *conf.nms_ablate_overrides, *shared])
@@ -378,23 +411,25 @@ def demo(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> No
         from iouctl.engine.demo import demo as run_demo
         from iouctl.engine.nms_ablate import nms_ablate as run_ablation
         from iouctl.engine.train import CHECKPOINT
+        from iouctl.runs import detections_file
 
         trained: dict = {}
 
         def train_step(child):
             tconf = steps["train"]
-            child.write_text("config.yaml", config.to_yaml(tconf))  # a run folder refine/eval can be pointed at
+            child.record_config(config.to_yaml(tconf), *steps["train record"])  # a run refine/eval can restore
             result = _train_run(tconf, child)
             trained["dir"] = child.dir
             return {"model": str(tconf.name), **result}
 
         def ablate_step(child):
             aconf = steps["ablate"]
-            return run_ablation(aconf, child, config.instantiate(aconf.data), config.instantiate(aconf.nms),
-                                trained["dir"] / f"detections/{aconf.split}.npz")
+            grid = [config.instantiate(arm) for arm in config.grid_arms(aconf)]
+            return run_ablation(aconf, child, config.instantiate(aconf.data), config.instantiate(aconf.nms), grid,
+                                trained["dir"] / detections_file(str(aconf.split)))
 
         def refine_step(child):
-            dets = trained["dir"] / f"detections/{steps['refine'].split}.npz"
+            dets = trained["dir"] / detections_file(str(steps["refine"].split))
             return _refine_run(steps["refine"], child, trained["dir"] / CHECKPOINT, dets if dets.is_file() else None)
 
         actions = {"train": train_step, "nms-ablate": ablate_step, "refine": refine_step,

@@ -5,7 +5,6 @@ Imports stay light (no torch, torchvision, wandb): `iouctl --help` must be insta
 from __future__ import annotations
 
 import errno
-import os
 import re
 import sys
 from contextlib import ExitStack, contextmanager
@@ -125,18 +124,62 @@ def user_errors(run_dir: Any = None) -> Iterator[None]:
         raise
 
 
-def compose(command: str, overrides: Optional[List[str]], allow_missing: bool = False) -> Any:
+def compose(command: str, overrides: Optional[List[str]], allow_missing: bool = False,
+            choices: Optional[dict] = None) -> Any:
     """The command's config; values the schema cannot type (model sizes: a number, a list or `auto`) are checked
-    here too, so that a bad one is refused before a run directory or the data is touched."""
+    here too, so that a bad one is refused before a run directory or the data is touched. choices: filled with the
+    option chosen in each config group (config.compose), which the run records."""
     from iouctl import config
 
     _check_override_keys(overrides or [])
-    cfg = config.compose(command, overrides or [], allow_missing=allow_missing)
+    cfg = config.compose(command, overrides or [], allow_missing=allow_missing, choices=choices)
+    inference = _model_inference(cfg, overrides or [])
+    if inference:
+        cfg = config.compose(command, [*inference, *(overrides or [])], allow_missing=allow_missing, choices=choices)
     if not allow_missing and "model" in cfg:
         from iouctl.engine.sizes import check_model_sizes
 
         check_model_sizes(cfg.model)
+    if not allow_missing and "grid" in cfg:
+        config.grid_arms(cfg)  # a bad arm is refused before a run directory is made
     return cfg
+
+
+def _model_inference(cfg: Any, overrides: List[str]) -> List[str]:
+    """The model's own post-processing (`model.inference`, nms overrides such as [nms=greedy, nms.score=fused]) for a
+    command that composes a model and an NMS, unless the user chose the NMS (nms=...): applied before the user's
+    overrides, so nms.iou_threshold=0.6 still refines it."""
+    if "model" not in cfg or "nms" not in cfg or any(o.split("=", 1)[0].lstrip("+~") == "nms" for o in overrides):
+        return []
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg.model, "inference") or cfg.model.get("inference") is None:
+        return []
+    from iouctl.errors import ConfigError
+
+    inference = [str(o) for o in cfg.model.inference]
+    bad = [o for o in inference if not o.startswith(("nms=", "nms."))]
+    if bad:
+        raise ConfigError(f"model.inference holds {bad[0]!r}; valid: nms overrides only, e.g. "
+                          f"[nms=greedy, nms.score=fused] (options: {', '.join(_group_options('nms'))})")
+    return inference
+
+
+def _group_options(group: str) -> List[str]:
+    from iouctl.config import group_options
+
+    return group_options(group)
+
+
+def inference_note(cfg: Any, overrides: List[str]) -> Optional[str]:
+    """For a command that evaluates a model: which post-processing it uses and why (printed at the start)."""
+    if "model" not in cfg or "nms" not in cfg or "inference" not in cfg.model:
+        return None
+    own = " ".join(str(o) for o in cfg.model.inference)
+    if _model_inference(cfg, overrides):
+        return f"inference: {own} (the model's own: model.inference)"
+    given = " ".join(o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] == "nms")
+    return f"inference: {given} (given; the model's own: {own})"
 
 
 def _check_override_keys(overrides: List[str]) -> None:
@@ -179,31 +222,37 @@ def run_experiment(command: str, overrides: Optional[List[str]], print_cfg: bool
     overrides = list(extra_overrides or []) + list(overrides or [])
     current: dict[str, Any] = {}
     with user_errors(lambda: current.get("dir")):
-        cfg = compose(command, overrides, allow_missing=print_cfg)
+        choices: dict = {}
+        cfg = compose(command, overrides, allow_missing=print_cfg, choices=choices)
         if print_cfg:
             print_config(cfg)
             return None
         from iouctl import config
+        from iouctl.engine.distributed import rank
         from iouctl.runs import open_run
 
         check_run_name(str(cfg.name))
         logger = config.instantiate(cfg.logger)
         runs_dir = str(cfg.paths.runs_dir)
-        if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 owns the run directory and the logger
+        if rank() > 0:  # torchrun: rank 0 owns the run directory and the logger
             import tempfile
 
             from iouctl.loggers import NullLogger
 
-            runs_dir, logger = tempfile.mkdtemp(prefix=f"iouctl-rank{os.environ['RANK']}-"), NullLogger()
+            runs_dir, logger = tempfile.mkdtemp(prefix=f"iouctl-rank{rank()}-"), NullLogger()
         with ExitStack() as stack:
             try:
                 run = stack.enter_context(open_run(command, str(cfg.name), runs_dir, config.to_yaml(cfg), overrides,
-                                                   config=config.to_dict(cfg), logger=logger, console=err_console))
+                                                   config=config.to_dict(cfg), logger=logger, console=err_console,
+                                                   choices=choices))
             except OSError as e:  # a runs folder that is a file, read-only, full ...
                 raise IouctlError(f"cannot create a run folder in paths.runs_dir={runs_dir}: {e.strerror}"
                                   + (f" ({e.filename})" if e.filename else "")) from None
             current["dir"] = run.dir
             run.console.print(f"[bold]iouctl {command}[/] -> {escape(str(run.dir))}")
+            note = inference_note(cfg, overrides)
+            if note:
+                run.console.print(escape(note))
             result = body(cfg, run)
         if runs_dir != str(cfg.paths.runs_dir):  # a non-zero rank's scratch run
             import shutil

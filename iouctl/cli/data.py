@@ -228,8 +228,9 @@ def export_coco(
     detections: Path = typer.Argument(..., help="A raw-detections file (.npz, e.g. runs/eval/<run>/detections/val.npz)."),
     out: Path = typer.Option(..., "--out", "-o", help="The COCO results JSON file to write."),
     score: ExportScore = typer.Option("cls", "--score", help="The score to export."),
-    cls_weight: float = typer.Option(0.5, "--cls-weight", min=0.0, max=1.0,
-                                     help="For --score fused: cls^w * IoU^(1-w)."),
+    cls_weight: Optional[float] = typer.Option(None, "--cls-weight", min=0.0, max=1.0,
+                                               help="For --score fused: a in cls^a * IoU^(1-a) (default: the "
+                                                    "model's, recorded with the detections)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
     """Export raw detections to the standard COCO results JSON (image_id, category_id, bbox xywh, score)."""
@@ -244,7 +245,9 @@ def export_coco(
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
         dets = Detections.load(detections)
-        path = dets.export_coco_json(out, scores=ranking_score(dets, score.value, cls_weight))
+        if cls_weight is not None:
+            dets.meta["cls_weight"] = cls_weight
+        path = dets.export_coco_json(out, scores=ranking_score(dets, score.value))
         err_console.print(escape(f"wrote {len(dets)} detections to {path}"), soft_wrap=True)
 
 

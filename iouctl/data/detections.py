@@ -42,6 +42,8 @@ class DetectionsFormatError(IouctlError, ValueError):
     An IouctlError, so the CLI shows it as one line."""
 
 
+DEFAULT_CLS_WEIGHT = 0.5  # IoU-aware RetinaNet's official a, for detections that do not record theirs
+
 def _where(source: str | None) -> str:
     return f"{source}: " if source else "Detections: "
 
@@ -145,7 +147,8 @@ class Detections:
         labels (Tensor[N], int64): COCO category id (the dataset's ids, not 0..C-1).
         scores (Tensor[N], float32): classification score.
         ious (Tensor[N], float32 or None): predicted IoU; None when the model has no IoU head.
-        meta (dict): JSON-serialisable provenance, e.g. {"model": ..., "dataset": ..., "split": ...}.
+        meta (dict): JSON-serialisable provenance, e.g. {"model": ..., "dataset": ..., "split": ...}; "cls_weight":
+            the model's a in its fused score cls^a * IoU^(1-a) (0.5, the paper's, where absent).
 
     Integer/float arrays of other widths (and numpy arrays) are accepted and cast to the canonical dtypes.
     """
@@ -200,6 +203,14 @@ class Detections:
     @property
     def has_ious(self) -> bool:
         return self.ious is not None
+
+    @property
+    def cls_weight(self) -> float:
+        """a in the fused score cls^a * IoU^(1-a) of the model that made these detections (meta["cls_weight"])."""
+        a = self.meta.get("cls_weight", DEFAULT_CLS_WEIGHT)
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+            raise DetectionsFormatError(f"meta cls_weight={a!r} is not a number in [0, 1]")
+        return float(a)
 
     @property
     def device(self) -> torch.device:

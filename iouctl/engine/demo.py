@@ -88,7 +88,17 @@ def _ablation_lines(ab: dict) -> list[str]:
     for r in ab["arms"]:
         out.append(f"| {r['arm']} | {fmt_ap(r['AP'])} | {fmt_ap(r['AP50'])} | {fmt_ap(r['AP75'])} | {fmt_ap(r['AP90'])} | "
                    f"{fmt_delta(r['dAP'])} | {fmt_delta(r['dAP90'])} |")
-    out += ["", "![AP vs IoU threshold](nms_ablate/plots/ap_vs_iou_threshold.png)"]
+    out += ["", "![AP vs IoU threshold: deltas vs the baseline](nms_ablate/plots/ap_vs_iou_threshold.png)",
+            "![dAP per arm and IoU threshold](nms_ablate/plots/dap_heatmap.png)"]
+    if ab.get("errors"):  # TIDE: where the best arms gain over the baseline (every arm: nms_ablate/analyses.md)
+        from iouctl.analysis import errors_markdown
+
+        best = sorted(ab["arms"][1:], key=lambda r: -r["AP"])[:3]
+        shown = {n: ab["errors"][n] for n in [ab["baseline"], *(r["arm"] for r in best)] if n in ab["errors"]}
+        out += ["", errors_markdown(shown), "![TIDE errors per arm](nms_ablate/plots/tide_errors.png)"]
+    if ab.get("calibration"):
+        out += ["", "![reliability of the baseline's scores](nms_ablate/plots/reliability.png)"]
+    out += ["", "Every arm's error breakdown, calibration and oracle bounds: `nms_ablate/analyses.md`."]
     return out
 
 

@@ -1,14 +1,19 @@
 """torchrun / DistributedDataParallel plumbing: one process per GPU (or CPU process with gloo), rank 0 logs and saves.
 
 `torchrun --nproc_per_node=K -m iouctl train ...` sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; multi-node runs use
-torchrun's rendezvous the same way. Without those variables everything here is a no-op.
+torchrun's rendezvous the same way. Without those variables everything here is a no-op. This module is the only
+reader of those variables; torch is imported by the functions that need it, so the CLI asks for the rank cheaply.
 """
 from __future__ import annotations
 
+import datetime
 import os
+from typing import Any
 
-import torch
-import torch.distributed as torch_dist
+# How long the other ranks wait at a barrier while rank 0 evaluates: a COCO evaluation inside training takes minutes
+# to an hour, past nccl's own timeout (10 minutes), so they wait on a CPU (gloo) group of their own.
+WAIT_TIMEOUT = datetime.timedelta(hours=3)
+_wait_group: Any = None
 
 
 def world_size() -> int:
@@ -16,6 +21,7 @@ def world_size() -> int:
 
 
 def rank() -> int:
+    """This process's global rank (0 without torchrun): rank 0 owns the run directory, the logger and evaluation."""
     return int(os.environ.get("RANK", "0"))
 
 
@@ -25,19 +31,26 @@ def local_rank() -> int:
 
 def init(device_type: str) -> None:
     """Join the process group torchrun describes (nccl on GPUs, gloo on CPU), once."""
+    import torch.distributed as torch_dist
+
     if world_size() > 1 and not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 
 
-def device_for(device: torch.device) -> torch.device:
-    """Under torchrun each process takes the GPU of its local rank."""
+def device_for(device: Any) -> Any:
+    """Under torchrun each process takes the GPU of its local rank (device: a torch.device)."""
+    import torch
+
     if device.type == "cuda" and world_size() > 1:
         torch.cuda.set_device(local_rank())
         return torch.device("cuda", local_rank())
     return device
 
 
-def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def wrap(model: Any, device: Any) -> Any:
+    """`model` (an nn.Module on `device`) in DistributedDataParallel under torchrun, else itself."""
+    import torch
+
     if world_size() <= 1:
         return model
     init(device.type)
@@ -46,10 +59,23 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def barrier() -> None:
-    if torch_dist.is_initialized():
-        torch_dist.barrier()
+    """Every rank waits here until all have arrived (no-op without a process group), for up to WAIT_TIMEOUT: rank 0
+    evaluates alone inside the training loop, and the others wait here rather than inside the next gradient
+    all-reduce, under the default group's timeout (torch's default: 10 minutes with nccl)."""
+    global _wait_group
+    import torch.distributed as torch_dist
+
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return
+    if _wait_group is None:  # new_group is collective: every rank creates it at the same (first) barrier
+        _wait_group = torch_dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    torch_dist.barrier(group=_wait_group)
 
 
 def shutdown() -> None:
-    if torch_dist.is_initialized():
+    global _wait_group
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        _wait_group = None
         torch_dist.destroy_process_group()

@@ -7,8 +7,9 @@ import torch
 from rich.markup import escape
 
 from iouctl.analysis import (
-    AP_KEYS, TABLE_KEYS, correlations, evaluate, fmt_ap, matched_correlations, plot_score_vs_iou, true_iou,
+    AP_KEYS, TABLE_KEYS, analyze_arm, correlations, evaluate, fmt_ap, matched_correlations, plot_score_vs_iou, true_iou,
 )
+from iouctl.analysis.errors import to_jsonable
 from iouctl.data import collate_detection
 from iouctl.data.detections import Detections
 from iouctl.postprocess.suppression import all_scores
@@ -37,14 +38,15 @@ def predict(model: torch.nn.Module, dataset: Any, category_ids: torch.Tensor, de
     return Detections.concat(parts, meta=meta) if parts else Detections.empty(with_ious, meta)
 
 
-def evaluate_detections(run: Any, dets: Detections, gt: Any, nms: Any, backend: str, split: str, cls_weight: float,
+def evaluate_detections(run: Any, dets: Detections, gt: Any, nms: Any, backend: str, split: str,
                         step: int | None = None) -> dict:
-    """Save the raw detections, apply `nms`, report AP and the correlation of each score with the true IoU."""
+    """Save the raw detections, apply `nms`, report AP, the correlation of each score with the true IoU, and of the
+    kept detections TIDE's error breakdown (IoU 0.5, 0.75) and the calibration of their score."""
     dets.save(run.path("detections", f"{split}.npz"))
     kept = nms(dets)
     metrics = evaluate(gt, kept, backend=backend)
     tiou = true_iou(gt, dets)
-    scores = all_scores(dets, cls_weight)
+    scores = all_scores(dets)
     corr = correlations(tiou, scores)
     corr_matched = matched_correlations(tiou, scores)
     png = plot_score_vs_iou(tiou, scores, run.path("plots", f"score_vs_true_iou_{split}.png"))["path"]
@@ -52,10 +54,15 @@ def evaluate_detections(run: Any, dets: Detections, gt: Any, nms: Any, backend: 
     row = {f"{split}/{k}": metrics[k] for k in AP_KEYS}
     row.update({f"{split}/pearson_{s}": c["pearson"] for s, c in corr.items()})
     row.update({f"{split}/pearson_{s}_iou>0.5": c["pearson"] for s, c in corr_matched.items()})
-    run.log(row, step=step)
     result = {"metrics": metrics, "correlations": corr, "correlations_iou>0.5": corr_matched,
               "num_matched": int((tiou > 0.5).sum()), "num_raw": len(dets), "num_kept": len(kept),
               "nms": getattr(nms, "name", type(nms).__name__)}
+    found = analyze_arm(gt, kept, {"reported": kept.scores}, true_iou=true_iou(gt, kept))
+    result["errors"] = to_jsonable([e.to_dict() for e in found["errors"]])
+    result["calibration"] = to_jsonable(found["calibration"])
+    row.update({f"{split}/errors{e.iou_threshold:g}/d{k}": v if v == v else None for e in found["errors"]
+                for k, v in e.dap.items()})
+    run.log(row, step=step)
     run.write_json(f"eval_{split}.json", result)
     run.console.print(escape(
         f"{split} after {result['nms']}: " + "  ".join(f"{k} {fmt_ap(metrics[k])}" for k in TABLE_KEYS)))
@@ -63,4 +70,7 @@ def evaluate_detections(run: Any, dets: Detections, gt: Any, nms: Any, backend: 
                       ", ".join(f"{s} {c['pearson']:.3f}" for s, c in corr.items()) +
                       f"; those with true IoU > 0.5 ({result['num_matched']}): " +
                       ", ".join(f"{s} {c['pearson']:.3f}" for s, c in corr_matched.items()))
+    for e in found["errors"]:  # TIDE: the AP each error type costs
+        run.console.print(f"errors at IoU {e.iou_threshold:g} (dAP if fixed): " + ", ".join(
+            f"{k} {100 * v:+.1f}" for k, v in e.dap.items() if v == v))
     return result

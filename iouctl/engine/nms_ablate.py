@@ -1,4 +1,5 @@
-"""`iouctl nms-ablate`: NMS arms on cached raw detections, AP at strict IoU thresholds and score-vs-IoU correlations."""
+"""`iouctl nms-ablate`: NMS arms on cached raw detections, AP at strict IoU thresholds and score-vs-IoU correlations;
+per arm, TIDE's error breakdown and the calibration of its scores; for the grid, oracle bounds."""
 from __future__ import annotations
 
 import csv
@@ -7,45 +8,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.markup import escape
 
 from iouctl.analysis import (
-    AP_KEYS, TABLE_KEYS, ap_deltas, correlations, evaluate, fmt_ap, fmt_delta, matched_correlations, plot_ap_vs_threshold,
-    plot_score_vs_iou, synthesize_detections, true_iou,
+    AP_KEYS, TABLE_KEYS, analyze_arm, ap_deltas, calibration_markdown, correlations, errors_markdown, evaluate, fmt_ap,
+    fmt_delta, matched_correlations, oracle_bounds, oracle_markdown, plot_ap_vs_threshold, plot_dap_heatmap,
+    plot_reliability, plot_score_vs_iou, plot_tide_errors, synthesize_detections, true_iou,
 )
+from iouctl.analysis.errors import to_jsonable
 from iouctl.data.detections import Detections
 from iouctl.engine.prepare import check_detections_data, dataset_record, ground_truth, prepare_dataset
-from iouctl.errors import ConfigError, IouctlError
-from iouctl.postprocess.suppression import SCORES, GreedyNMS, IoUGuidedNMS, SoftNMS, all_scores
-
-METHODS = ("greedy", "iou-guided", "soft-linear", "soft-gaussian")
+from iouctl.errors import IouctlError
+from iouctl.postprocess.suppression import all_scores
 
 
-def build_arms(methods, scores, thresholds, cls_weight, soft_sigma, soft_score_threshold, max_per_image) -> list:
-    """The grid: greedy x scores x thresholds, iou-guided x thresholds, soft-linear x scores x thresholds,
-    soft-gaussian x scores (its decay has no threshold)."""
-    bad = [m for m in methods if m not in METHODS] + [s for s in scores if s not in SCORES]
-    if bad:
-        raise ConfigError(f"unknown NMS method/score {', '.join(map(repr, bad))}; methods: {', '.join(METHODS)}; "
-                          f"scores: {', '.join(SCORES)}")
-    arms: list = []
-    for method in methods:
-        if method == "iou-guided":
-            arms += [IoUGuidedNMS(t, max_per_image) for t in thresholds]
-        elif method == "greedy":
-            arms += [GreedyNMS(t, s, cls_weight, max_per_image) for s in scores for t in thresholds]
-        elif method == "soft-linear":
-            arms += [SoftNMS("linear", soft_sigma, t, soft_score_threshold, s, cls_weight, max_per_image)
-                     for s in scores for t in thresholds]
-        else:
-            arms += [SoftNMS("gaussian", soft_sigma, 0.0, soft_score_threshold, s, cls_weight, max_per_image)
-                     for s in scores]
-    return arms
-
-
-def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, detections: Path | None) -> dict:
-    """Every arm of the grid against `baseline` on the raw detections file `detections` (None: synthesize them from
-    the ground truth of `data`). `cfg` holds the plain settings of conf/nms_ablate.yaml."""
+def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, grid: list, detections: Path | None) -> dict:
+    """Every arm of `grid` (NMS objects, see iouctl.postprocess.suppression) against `baseline` on the raw detections
+    file `detections` (None: synthesize them from the ground truth of `data`). `cfg` holds the plain settings of
+    conf/nms_ablate.yaml; `cfg.cls_weight`, when set, replaces the model's a in the fused score."""
     with run.progress(transient=True) as progress:
         prepare_dataset(data, progress, read_pixels=False)
     gt = ground_truth(data, cfg.split)
@@ -58,16 +39,15 @@ def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, detections: Path | 
         dets = Detections.load(detections)
         check_detections_data(dets.meta, data, cfg.split, detections)
         source = str(detections)
+    if cfg.cls_weight is not None:
+        dets.meta["cls_weight"] = float(cfg.cls_weight)
     run.console.print(escape(f"detections: {len(dets)} raw boxes, {len(dets.image_index())} images, "
                              f"predicted IoU: {'yes' if dets.has_ious else 'no'} ({source})"))
 
     base_name = baseline.name
-    grid = build_arms(cfg.methods, cfg.scores, cfg.iou_thresholds, cfg.cls_weight, cfg.soft_sigma,
-                      cfg.soft_score_threshold, cfg.max_per_image)
     # The baseline stands in for its twin in the grid only when every setting agrees; otherwise both run.
     arms = [baseline] + [a for a in grid if vars(a) != vars(baseline)]
-    names = [a.name for a in arms]
-    names = [n + "'" if i and n == base_name else n for i, n in enumerate(names)]  # same name, other settings
+    names = unique_names(arms)
     if not dets.has_ious:
         skipped = [n for n, a in zip(names, arms) if a.needs_iou]
         if skipped:
@@ -83,13 +63,13 @@ def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, detections: Path | 
 
     # Correlations of each score with the true IoU, before NMS.
     tiou = true_iou(gt, dets)
-    raw_scores = all_scores(dets, cfg.cls_weight)
+    raw_scores = all_scores(dets)
     corr_before = correlations(tiou, raw_scores)
     matched = matched_correlations(tiou, raw_scores)  # IoU-Net's Fig. 2 protocol
     for name, c in matched.items():
         corr_before[name]["pearson_iou>0.5"] = c["pearson"]
 
-    rows, curves = [], {}
+    rows, curves, errors, calibration, predicted = [], {}, {}, {}, {}
     base_metrics = None
     t0 = time.perf_counter()
     with run.progress() as progress:
@@ -103,7 +83,16 @@ def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, detections: Path | 
             after_scores = {"cls": dets.scores[kept.index], "reported": kept.scores}
             if dets.has_ious:
                 after_scores["iou"] = dets.ious[kept.index]
-            corr_after = correlations(tiou[kept.index], after_scores)
+            # true IoU of the kept boxes as reported: recomputed where the arm moved them (box voting, fusion)
+            moved = not torch.equal(out.boxes, dets.boxes[kept.index])
+            tiou_out = true_iou(gt, out) if moved else tiou[kept.index]
+            corr_after = correlations(tiou_out, after_scores)
+            if {"errors", "calibration"} & set(cfg.analyses):
+                scored = dict(after_scores, fused=all_scores(dets)["fused"][kept.index]) if dets.has_ious \
+                    else after_scores
+                found = analyze_arm(gt, out, scored, true_iou=tiou_out)
+                errors[name], calibration[name] = found["errors"], found["calibration"]
+            predicted[name] = metrics
             deltas = ap_deltas(base_metrics, metrics)
             row = {"arm": name, "kept": int(len(kept.index)), **{k: metrics[k] for k in AP_KEYS},
                    **{f"d{k}": deltas[k] for k in TABLE_KEYS},
@@ -113,19 +102,61 @@ def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, detections: Path | 
             curves[name] = metrics["ap_per_threshold"]
             run.log({f"{name}/{k}": row[k] for k in ("AP", "AP50", "AP75", "AP90", "dAP", "dAP90")})
             progress.advance(task)
+    oracle = None
+    if "oracle" in cfg.analyses:
+        with run.progress(transient=True) as progress:
+            progress.add_task("oracle bounds", total=None)
+            oracle = oracle_bounds(gt, dets, dict(zip(names, arms)), true_iou=tiou, predicted=predicted)
     elapsed = time.perf_counter() - t0
 
     summary = {"source": source, "baseline": base_name, "num_detections": len(dets), "arms": rows,
-               "correlation_before_nms": corr_before, "ap_per_threshold": curves, "seconds": elapsed}
+               "correlation_before_nms": corr_before, "ap_per_threshold": curves, "seconds": elapsed,
+               "errors": to_jsonable({n: [e.to_dict() for e in es] for n, es in errors.items()}) if errors else None,
+               "calibration": to_jsonable(calibration) if calibration else None,
+               "oracle": to_jsonable(oracle.to_dict()) if oracle is not None else None}
     _write_outputs(run, rows, summary, corr_before)
+    analyses_md = []
+    if errors and "errors" in cfg.analyses:
+        analyses_md.append(errors_markdown(errors))
+    if calibration and "calibration" in cfg.analyses:
+        analyses_md.append(calibration_markdown(calibration))
+    if oracle is not None:
+        analyses_md.append(oracle_markdown(oracle))
+    if analyses_md:
+        run.write_text("analyses.md", "\n".join(analyses_md))
     plots = run.path("plots")
-    ap_png = plot_ap_vs_threshold(curves, plots / "ap_vs_iou_threshold.png")["path"]
+    ap_png = plot_ap_vs_threshold(curves, plots / "ap_vs_iou_threshold.png", baseline=base_name)["path"]
+    heat_png = plot_dap_heatmap(curves, base_name, plots / "dap_heatmap.png")["path"]
+    run.log_image("plots/dap_heatmap", heat_png)
+    if errors and "errors" in cfg.analyses:
+        run.log_image("plots/tide_errors", plot_tide_errors(errors, plots / "tide_errors.png")["path"])
+        run.log({f"errors/{n}/{e.iou_threshold:g}/d{k}": v for n, es in errors.items() for e in es
+                 for k, v in to_jsonable(e.dap).items()})
+    if calibration and "calibration" in cfg.analyses:
+        base_cal = calibration[base_name]
+        diagrams = {s: c["reliability_iou>0.5"] for s, c in base_cal.items()}
+        run.log_image("plots/reliability", plot_reliability(diagrams, plots / "reliability.png")["path"])
+        run.log({f"calibration/{n}/{s}/{k}": v for n, c in calibration.items() for s, r in c.items()
+                 for k, v in (("ece", r["reliability"]["ece"]), ("laece", r["laece"]["value"]),
+                              ("olrp", r["lrp"]["olrp"]))})
     sc_png = plot_score_vs_iou(tiou, raw_scores, plots / "score_vs_true_iou.png", seed=int(cfg.seed))["path"]
     run.log_image("plots/ap_vs_iou_threshold", ap_png)
     run.log_image("plots/score_vs_true_iou", sc_png)
     run.log({f"corr_before/{s}/{m}": v for s, c in corr_before.items() for m, v in c.items()})
     _print(run, rows, corr_before, base_name, elapsed)
     return summary
+
+
+def unique_names(arms: list) -> list[str]:
+    """The arms' names; where several share one (a setting their name does not show was swept), every one but the
+    first (the baseline) gets the settings that tell it apart: "soft-gaussian[cls] (sigma=0.7)"."""
+    names = [a.name for a in arms]
+    for name in dict.fromkeys(names):
+        same = [i for i, n in enumerate(names) if n == name]
+        differ = [k for k in vars(arms[same[0]]) if len({repr(vars(arms[i]).get(k)) for i in same}) > 1]
+        for i in same[1:]:
+            names[i] = f"{name} ({', '.join(f'{k}={vars(arms[i]).get(k)}' for k in differ)})"
+    return names
 
 
 def _table_rows(rows: list[dict]) -> tuple[list[str], list[list[Any]]]:

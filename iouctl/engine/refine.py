@@ -15,79 +15,32 @@ from iouctl.engine.prepare import check_detections_data, ground_truth
 from iouctl.errors import IouctlError
 from iouctl.postprocess.refine import IoURefiner
 
-DET_FILE = "detections/{split}.npz"
-
 
 # ------------------------------------------------------------------------------------------ which run to refine
-def _config(run_dir: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-
-
 def box_differentiable(model_cfg: dict) -> bool:
     """Whether a model config has an IoU head whose prediction is differentiable in the box (IoU-Net's, on pooled
     features); the IoU-aware RetinaNet's IoU belongs to an anchor, not to a box."""
     return str(model_cfg.get("_target_", "")).endswith("rcnn.faster_rcnn") and bool(model_cfg.get("iou_head"))
 
 
-def _train_run_of(run_dir: Path) -> Path:
-    """The train run behind a train or eval run folder (an eval run records its checkpoint in source.json)."""
-    import json
-
-    from iouctl.engine.train import CHECKPOINT
-
-    if (run_dir / CHECKPOINT).is_file():
-        return run_dir
-    source = run_dir / "source.json"
-    if source.is_file():
-        ckpt = Path(json.loads(source.read_text())["checkpoint"])
-        if not ckpt.is_file():
-            raise IouctlError(f"run={run_dir}: its checkpoint {ckpt} no longer exists")
-        if not (ckpt.parent.parent / "config.yaml").is_file():
-            raise IouctlError(f"run={run_dir} evaluated {ckpt}, which is not inside a train run (no config.yaml to "
-                              f"rebuild its model from); pass run=<the train run>")
-        return ckpt.parent.parent
-    raise IouctlError(f"run={run_dir} is neither a train run (no {CHECKPOINT}) nor an eval run of one")
+def refinable(run_config: dict) -> bool:
+    """Whether a run's config.yaml describes a model refine can use."""
+    return box_differentiable(run_config.get("model") or {})
 
 
-def find_source(run: str | None, runs_dir: str, split: str) -> tuple[Path, dict, Path | None]:
-    """(checkpoint, the config to restore (the run's own: an eval run's data may differ from its train run's), cached
-    raw detections of `split` or None) for `run` = a train or eval
-    run of a model with a box-differentiable IoU head; run=None: the newest completed such run."""
-    from iouctl.engine.train import CHECKPOINT
-    from iouctl.runs import read_status
+# How refine looks for its run (iouctl.runs.find_model_run): which runs serve, and what to say when none does.
+FIND_REFINABLE = {"usable": refinable, "wanted": "of a model with a box-differentiable IoU head",
+                  "hint": "train one (iouctl train model=iou_net) or pass run=<dir>"}
 
-    if run is None:
-        candidates = []
-        for command in ("train", "eval"):
-            base = Path(runs_dir).expanduser() / command
-            candidates += [d for d in base.iterdir() if (d / "config.yaml").is_file()] if base.is_dir() else []
-        for d in sorted(candidates, key=lambda d: d.name, reverse=True):
-            if read_status(d) == "COMPLETED" and box_differentiable(_config(d).get("model") or {}):
-                try:
-                    train_dir = _train_run_of(d)
-                except IouctlError:
-                    continue
-                break
-        else:
-            raise IouctlError(f"no completed train/eval run of a model with a box-differentiable IoU head under "
-                              f"{runs_dir}; train one (iouctl train model=iou_net) or pass run=<dir>")
-        run_dir = d
-    else:
-        run_dir = Path(run).expanduser()
-        if not (run_dir / "config.yaml").is_file():
-            raise IouctlError(f"run={run}: no such run folder (a train or eval run directory)")
-        train_dir = _train_run_of(run_dir)
-    trained = _config(train_dir)
+
+def check_refinable(run_dir: Path, trained: dict) -> None:
+    """One line (IouctlError) when the model of `trained` (the config.yaml of the train run behind `run_dir`) has no
+    box-differentiable IoU head."""
     model = trained.get("model") or {}
     if not box_differentiable(model):
         name = str(model.get("_target_", "?")).rsplit(".", 1)[-1]
         raise IouctlError(f"run={run_dir}: its model ({name}, iou_head={model.get('iou_head')}) has no "
                           f"box-differentiable IoU head; refinement needs model=iou_net (IoU head on PrRoI features)")
-    dets = run_dir / DET_FILE.format(split=split)
-    # an eval run's config: the train run's model and pool as it restored them, and the data its detections are of
-    return train_dir / CHECKPOINT, _config(run_dir), dets if dets.is_file() else None
 
 
 # ------------------------------------------------------------------------------------------------- refinement
@@ -177,7 +130,7 @@ def refine(cfg: Any, run: Any, data: Any, model: Any, refiner: IoURefiner | None
     else:
         run.console.print("no cached detections for this run: running inference first")
         dets = predict_fn()
-        dets.save(run.path(DET_FILE.format(split=split)))
+        dets.save(run.detections_path(split))
     if not dets.has_ious and getattr(nms, "needs_iou", False):
         raise IouctlError(f"nms={nms.name} needs predicted IoUs, but the detections have none")
     dataset = data.dataset(split)

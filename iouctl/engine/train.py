@@ -235,13 +235,16 @@ def train(cfg: Any, run: Any, data: Any, model: torch.nn.Module, make_optimizer:
                                 f"lr {row['lr']:.2g} {row['img_per_s']:.0f} img/s")
                 if done % int(cfg.checkpoint_every) == 0 or done == max_iters:
                     save_checkpoint(ckpt_path, model, optimizer, done, {"config_name": str(cfg.name)})
-            if evaluate_fn is not None and rank == 0 and done % int(cfg.eval_every) == 0 and done < max_iters:
-                evaluate_fn(model, step=done)
-                net.train()
+            if done % int(cfg.eval_every) == 0 and done < max_iters:
+                if evaluate_fn is not None and rank == 0:
+                    evaluate_fn(model, step=done)
+                    net.train()
+                dist.barrier()  # the other ranks wait here while rank 0 evaluates, not in the next all-reduce
     if start >= max_iters and rank == 0:
         run.console.print(f"nothing to train: the checkpoint is at iteration {start} >= max_iters {max_iters}")
     result = {"iterations": max_iters, "checkpoint": str(ckpt_path)}
     if evaluate_fn is not None and rank == 0:
         result["eval"] = evaluate_fn(model, step=max_iters)
+    dist.barrier()  # every rank leaves together, after rank 0's final evaluation
     dist.shutdown()
     return result

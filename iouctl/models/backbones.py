@@ -1,7 +1,8 @@
-"""Backbone bodies shared by every detector: a small conv net for CPU experiments and torchvision's ResNets.
+"""Backbones shared by every detector: a small conv net for CPU experiments and torchvision's ResNets, and the one FPN
+builder both families use (`fpn_backbone`).
 
-Stages are named as torchvision's ResNet (stem, layer1..layer4 = C2..C5 at strides 4..32), so each detector wraps any
-body in its own FPN. ImageNet weights come only from a local state_dict file: nothing is ever downloaded.
+Stages are named as torchvision's ResNet (stem, layer1..layer4 = C2..C5 at strides 4..32). ImageNet weights come only
+from a local state_dict file: nothing is ever downloaded.
 """
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from pathlib import Path
 from typing import ClassVar, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
 from iouctl.errors import ConfigError
 
@@ -22,6 +26,10 @@ STAGE_CHANNELS = {  # output channels of layer1..layer4
     "resnet18": {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512},
     "resnet50": {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
 }
+STAGES = ("layer1", "layer2", "layer3", "layer4")  # C2..C5, strides 4, 8, 16, 32
+FPN_CHANNELS = {"small": 64, "resnet18": 256, "resnet50": 256}  # 256: the FPN paper's; 64 for 128x128 CPU runs
+FPN_EXTRA = ("conv", "maxpool")
+MAX_FPN_LEVELS = 5
 
 
 def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
@@ -119,3 +127,63 @@ def backbone_body(backbone: str, pretrained: Optional[str]) -> nn.Module:
             if not name.startswith(("layer2", "layer3", "layer4")):
                 p.requires_grad_(False)
     return net
+
+
+# ---------------------------------------------------------------------------------------------------------------- FPN
+class ExtraConvLevels(ExtraFPNBlock):
+    """`num` extra pyramid levels above the last FPN output by stride-2 3x3 convs (P6 from P5, P7 from relu(P6)),
+    as torchvision's LastLevelP6P7 with use_P5 (RetinaNet's), but for any count (0 adds nothing)."""
+
+    def __init__(self, channels: int, num: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, stride=2, padding=1) for _ in range(num))
+        for conv in self.convs:
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.constant_(conv.bias, 0)
+
+    def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        p = results[-1]
+        for i, conv in enumerate(self.convs):
+            p = conv(p if i == 0 else F.relu(p))
+            results.append(p)
+            names.append(f"p{len(names) + 3}")
+        return results, names
+
+
+class NoExtraLevel(ExtraFPNBlock):
+    """No extra FPN level (BackboneWithFPN adds a max-pool level when given None)."""
+
+    def forward(self, x, y, names):
+        return x, names
+
+
+def fpn_backbone(backbone: str, pretrained: Optional[str], first_stage: int, num_levels: int, extra: str,
+                 channels: Optional[int] = None) -> BackboneWithFPN:
+    """The body named `backbone` with an FPN of `num_levels` outputs, the first on stage C`first_stage` (2: stride 4,
+    Faster R-CNN's P2; 3: stride 8, RetinaNet's P3), each next level at twice the stride. Stages C`first_stage`..C5
+    go through the FPN (`channels` wide, default FPN_CHANNELS); levels above C5 come from `extra`: "conv" (stride-2 3x3 convs on P5,
+    RetinaNet's P6/P7) or "maxpool" (one stride-2 max-pool of the last level, the RPN-only P6 of torchvision's FPN
+    R-CNN).
+
+    Input Tensor[N, 3, H, W]; returns a module mapping it to an OrderedDict of Tensor[N, C, H / s_l, W / s_l] (names
+    "0".. for the stages, then the extra levels'), with `out_channels` = C. See `backbone_body` for `pretrained`.
+    Too many or too few levels is a ConfigError (one line).
+    """
+    if extra not in FPN_EXTRA:
+        raise ValueError(f"extra={extra!r}; valid: {', '.join(FPN_EXTRA)}")
+    stages = STAGES[first_stage - 2:]
+    top = len(stages) + (1 if extra == "maxpool" else MAX_FPN_LEVELS)
+    if not 1 <= num_levels <= min(MAX_FPN_LEVELS, top):
+        high = min(MAX_FPN_LEVELS, top)
+        raise ConfigError(f"need 1..{high} anchor sizes (one per FPN level P{first_stage}..P{first_stage + high - 1})"
+                          f", got {num_levels}")
+    net = backbone_body(backbone, pretrained)
+    names = stages[:num_levels]
+    channels = channels or FPN_CHANNELS[backbone]
+    # built before the FPN: its convs draw their initial weights from the RNG first (the recorded figures' order)
+    if extra == "conv":
+        extra_block = ExtraConvLevels(channels, num_levels - len(names))
+    else:
+        extra_block = LastLevelMaxPool() if num_levels > len(names) else NoExtraLevel()
+    return BackboneWithFPN(net, {n: str(i) for i, n in enumerate(names)},
+                           [STAGE_CHANNELS[backbone][n] for n in names], channels, extra_blocks=extra_block)

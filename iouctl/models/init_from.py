@@ -498,9 +498,11 @@ def load_into_retinanet(model: nn.Module, path: str | Path, backbone: str) -> In
     box = {k: k for k in loader.ours("head.regression_head.bbox_reg.")}
     _anchor_convs(loader, "box regression", box, "regression tower", anchors, why, {k: 4 for k in box})
 
-    iou = loader.ours("head.iou_pred.")
-    if iou:
-        loader.add(GroupResult("IoU head", "new", 0, len(iou)))
+    branch = model.head.branch_name  # the quality branch (iou_pred, centerness_pred): torchvision has none
+    fresh = loader.ours(f"head.{branch}.") if branch is not None else []
+    if fresh:
+        loader.add(GroupResult({"iou": "IoU head", "centerness": "centre-ness head"}[model.head.quality], "new", 0,
+                               len(fresh)))
     _size_note(model.transform, notes)
     if v2 and loader.loaded("regression tower"):
         notes.append("torchvision trained v2's box regression with a GIoU loss; ours is smooth-L1")

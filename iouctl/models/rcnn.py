@@ -18,59 +18,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
-from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 from torchvision.ops.poolers import LevelMapper
 
 from iouctl.errors import ConfigError
-from iouctl.models.backbones import BACKBONES, STAGE_CHANNELS, backbone_body
+from iouctl.models.backbones import BACKBONES, MAX_FPN_LEVELS, fpn_backbone
+from iouctl.models.contract import QUALITY_HEADS
 
 IOU_LOSSES = ("smooth_l1", "bce")
 _IMAGENET_MEAN = [0.485, 0.456, 0.406]
 _IMAGENET_STD = [0.229, 0.224, 0.225]
 _C_STRIDES = (4, 8, 16, 32)  # C2..C5 of both backbones; an optional 5th FPN level is a stride-64 max-pool (P6)
-_MAX_LEVELS = 5
 # For anchor_sizes=auto (iouctl.data.stats): P2 first (stride 4), and always P2..P6 as torchvision's FPN R-CNN
-ANCHOR_PYRAMID = {"first_stride": _C_STRIDES[0], "min_levels": _MAX_LEVELS, "max_levels": _MAX_LEVELS}
+ANCHOR_PYRAMID = {"first_stride": _C_STRIDES[0], "min_levels": MAX_FPN_LEVELS, "max_levels": MAX_FPN_LEVELS}
 # Sizes by backbone: "small" is meant for 128x128 CPU experiments (fewer sampled RoIs, narrower FC layers).
 # rep: FC width of the box and IoU heads (1024 in the paper); rois: R-CNN RoIs sampled per image (torchvision 512).
 _SIZES = {
-    "small": {"fpn": 64, "rep": 256, "rois": 128, "rpn_pre": (1000, 500), "rpn_post": (1000, 500)},
-    "resnet18": {"fpn": 256, "rep": 1024, "rois": 512, "rpn_pre": (2000, 1000), "rpn_post": (2000, 1000)},
-    "resnet50": {"fpn": 256, "rep": 1024, "rois": 512, "rpn_pre": (2000, 1000), "rpn_post": (2000, 1000)},
+    "small": {"rep": 256, "rois": 128, "rpn_pre": (1000, 500), "rpn_post": (1000, 500)},
+    "resnet18": {"rep": 1024, "rois": 512, "rpn_pre": (2000, 1000), "rpn_post": (2000, 1000)},
+    "resnet50": {"rep": 1024, "rois": 512, "rpn_pre": (2000, 1000), "rpn_post": (2000, 1000)},
 }
 _JITTER_OVERSAMPLE = 8  # candidates drawn per kept jittered box, so that every IoU bin can be filled
 _JITTER_MAX = 0.35  # max edge shift as a fraction of the box side; < 0.5 keeps x1 < x2, and IoU spans [~0.3, 1]
-
-
-# ------------------------------------------------------------------------------------------------------ backbones
-def build_backbone(backbone: str, pretrained: str | None, num_levels: int) -> BackboneWithFPN:
-    """Backbone + FPN with ``num_levels`` outputs named "0".."L-1" at strides 4, 8, .., (P2.., P6 = max-pool of P5).
-
-    Returns a module mapping Tensor[N, 3, H, W] -> OrderedDict[str, Tensor[N, C, H/s, W/s]], with ``out_channels``.
-    """
-    if not 1 <= num_levels <= _MAX_LEVELS:
-        raise ConfigError(f"anchor_sizes must have 1 to {_MAX_LEVELS} entries (one per FPN level P2..P6); "
-                          f"got {num_levels}")
-    body = backbone_body(backbone, pretrained)
-    names = ["layer1", "layer2", "layer3", "layer4"]
-    channels = [STAGE_CHANNELS[backbone][n] for n in names]
-    used = min(num_levels, len(_C_STRIDES))
-    return_layers = {layer: str(i) for i, layer in enumerate(names[:used])}
-    extra = LastLevelMaxPool() if num_levels > len(_C_STRIDES) else _NoExtra()
-    return BackboneWithFPN(body, return_layers, channels[:used], _SIZES[backbone]["fpn"], extra_blocks=extra)
-
-
-class _NoExtra(ExtraFPNBlock):
-    """No extra FPN level (BackboneWithFPN adds a max-pool level when given None)."""
-
-    def forward(self, x, y, names):
-        return x, names
 
 
 # --------------------------------------------------------------------------------------------------- RoI pooling
@@ -315,13 +288,17 @@ class TwoStageRoIHeads(RoIHeads):
 
 # -------------------------------------------------------------------------------------------------------- detector
 class TwoStageDetector(nn.Module):
-    """FPN Faster R-CNN, with IoU-Net's IoU head when ``roi_heads.iou_head`` is set.
+    """FPN Faster R-CNN, with IoU-Net's IoU head when ``roi_heads.iou_head`` is set; an iouctl.models.contract
+    Detector.
 
     forward(images: list[Tensor[3, H, W]] in [0, 1], targets: list[{"boxes": Tensor[K, 4] xyxy px, "labels":
     Tensor[K] int64 in [0, num_classes)}] | None)
       training: {"rpn_cls", "rpn_box", "cls", "box"[, "iou"]} scalar losses (their sum is optimised);
       eval: per image {"boxes": [M, 4], "labels": [M], "scores": [M][, "ious": [M]]}, raw pre-NMS detections in the
       input image's pixels.
+
+    Contract: quality "iou" (IoU-Net: ious = the class-aware predicted IoU, ranked by IoU-guided NMS, Alg. 1, and
+    box-differentiable through PrRoI pooling for Alg. 2) or "none" (Faster R-CNN: greedy NMS by cls).
     """
 
     def __init__(self, transform: GeneralizedRCNNTransform, backbone: nn.Module, rpn: RegionProposalNetwork,
@@ -334,7 +311,23 @@ class TwoStageDetector(nn.Module):
         self.num_classes = num_classes
 
     @property
-    def has_iou_head(self) -> bool:
+    def quality(self) -> str:
+        return "none" if self.roi_heads.iou_head is None else "iou"
+
+    @property
+    def ious_meaning(self) -> str | None:
+        return QUALITY_HEADS[self.quality].ious_meaning
+
+    @property
+    def score(self) -> str:
+        return "cls" if self.roi_heads.iou_head is None else "iou"
+
+    @property
+    def inference(self) -> tuple[str, ...]:
+        return ("nms=greedy",) if self.roi_heads.iou_head is None else ("nms=iou_guided",)  # IoU-Net Alg. 1
+
+    @property
+    def box_differentiable_iou(self) -> bool:
         return self.roi_heads.iou_head is not None
 
     def _check(self, images, targets) -> None:
@@ -378,7 +371,7 @@ class TwoStageDetector(nn.Module):
         features/image_sizes from ``features``; boxes: list[Tensor[K_i, 4]] xyxy in network-input pixels;
         labels: list[Tensor[K_i]] contiguous classes. Returns list[Tensor[K_i]] in [0, 1].
         """
-        if not self.has_iou_head:
+        if not self.box_differentiable_iou:
             raise ValueError("predict_iou needs the IoU head: build the model with iou_head=true (model=iou_net)")
         if len(boxes) != len(labels) or len(boxes) != len(image_sizes):
             raise ValueError(f"boxes, labels and image_sizes must have one entry per image; got {len(boxes)}, "
@@ -449,7 +442,7 @@ def faster_rcnn(backbone: str, pretrained: str | None, min_size: int, max_size: 
             raise ConfigError(f"{name} must be an int >= 1; got {v!r}")
 
     cfg = _SIZES[backbone]
-    body = build_backbone(backbone, pretrained, len(sizes))
+    body = fpn_backbone(backbone, pretrained, first_stage=2, num_levels=len(sizes), extra="maxpool")
     names = [str(i) for i in range(len(sizes))]
     pooled_names = names[: len(_C_STRIDES)]
     multi_pool = MultiLevelPool(pool if pool is not None else PrRoIPool(7), pooled_names,

@@ -4,12 +4,18 @@ Each ``kernels/<op>/`` folder is one shared library. Its sources register their 
 ``TORCH_LIBRARY_FRAGMENT(iouctl, m)`` (several libraries share the ``iouctl`` namespace) and their kernels with
 ``TORCH_LIBRARY_IMPL(iouctl, CPU|CUDA, m)``; loading the library makes them visible as ``torch.ops.iouctl.*``.
 
-Builds go to ``$IOUCTL_CACHE_DIR/torch_extensions/<op>_<hash>`` (default ``~/.cache/iouctl``); the hash covers the
-sources, the torch/CUDA/Python versions and the build flags, so an edit or an upgrade never loads a stale library.
-A failed build warns once, loudly, naming its log, and callers fall back to the pure-PyTorch reference.
+Sources include the shared per-element math across folders (``#include "nms/nms_math.h"``): ``kernels/`` is on
+every library's include path, and every header under ``kernels/`` keys every library's build.
+
+Builds go to ``$IOUCTL_KERNEL_CACHE/<op>_<hash>`` (default ``~/.cache/iouctl/torch_extensions``; deliberately not
+under ``$IOUCTL_CACHE_DIR``, so pointing the dataset cache at a temp folder keeps the compiled kernels); the hash
+covers the sources, every header, the torch/CUDA/Python versions and the build flags, so an edit or an upgrade never
+loads a stale library. A failed build warns once, loudly, naming its log, and callers fall back to the pure-PyTorch
+reference. :func:`implementations` says which implementation each op resolved to in this process.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -30,7 +36,9 @@ IMPLS = ("auto", "cpp", "cuda", "reference")
 # extension's libgomp.so.1 resolves to the one torch already loaded, so both share one thread pool
 _CXX_FLAGS = ["-O3", "-fopenmp"]
 _LD_FLAGS = ["-fopenmp"]
-_CUDA_FLAGS = ["-O3", "--use_fast_math"]
+# No --use_fast_math: it flushes denormals and approximates division/exp, and the CUDA kernels are tested equal to the
+# CPU ones (NMS bit for bit). The NMS math uses round-to-nearest intrinsics, immune to FMA contraction as well.
+_CUDA_FLAGS = ["-O3"]
 _SOURCE_SUFFIXES = (".cpp", ".cc")
 _CUDA_SUFFIXES = (".cu",)
 _HEADER_SUFFIXES = (".h", ".hpp", ".cuh")
@@ -38,6 +46,8 @@ _HEADER_SUFFIXES = (".h", ".hpp", ".cuh")
 _lock = threading.Lock()
 _loaded: dict[str, bool] = {}
 _logs: dict[str, Path] = {}
+_resolved: dict[str, dict] = {}  # op -> what select_impl/record_impl resolved in this process (implementations())
+_resolved_lock = threading.Lock()  # not _lock: that one is held through a whole build
 
 
 class KernelBuildWarning(RuntimeWarning):
@@ -56,26 +66,30 @@ def kernels_dir() -> Path:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("IOUCTL_CACHE_DIR", "~/.cache/iouctl")).expanduser() / "torch_extensions"
+    """Folder of the compiled kernel libraries: ``$IOUCTL_KERNEL_CACHE`` or ``~/.cache/iouctl/torch_extensions``."""
+    return Path(os.environ.get("IOUCTL_KERNEL_CACHE") or "~/.cache/iouctl/torch_extensions").expanduser()
 
 
 def _sources(op: str, with_cuda: bool) -> tuple[list[Path], list[Path]]:
-    """(compiled sources, every file whose content must key the cache) for ``kernels/<op>/``."""
-    folder = kernels_dir() / op
+    """(compiled sources of ``kernels/<op>/``, every file whose content must key its cache: those sources and every
+    header under ``kernels/``, since any library may include any folder's header)."""
+    root = kernels_dir()
+    folder = root / op
     if not folder.is_dir():
-        valid = sorted(p.name for p in kernels_dir().iterdir() if p.is_dir())
+        valid = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise ValueError(f"no kernel folder kernels/{op}; valid ops: {', '.join(valid) or 'none'}")
     files = sorted(p for p in folder.iterdir() if p.is_file())
     suffixes = _SOURCE_SUFFIXES + (_CUDA_SUFFIXES if with_cuda else ())
     compiled = [p for p in files if p.suffix in suffixes]
-    keyed = [p for p in files if p.suffix in suffixes + _HEADER_SUFFIXES]
-    return compiled, keyed
+    headers = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _HEADER_SUFFIXES)
+    return compiled, compiled + headers
 
 
 def _build_key(op: str, keyed: list[Path], with_cuda: bool) -> str:
     h = hashlib.sha256()
+    root = kernels_dir()
     for p in keyed:
-        h.update(p.name.encode())
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")  # the path: a header moved between folders
         h.update(p.read_bytes())
     facts = [
         torch.__version__, str(torch.version.cuda), str(with_cuda), sys.version.split()[0], platform.machine(),
@@ -136,9 +150,7 @@ def _load(op: str) -> bool:
 
 def _build(name: str, sources: list[Path], build_dir: Path, log: Path, with_cuda: bool) -> None:
     """Compile with ninja under cpp_extension's file lock (safe when processes race), compiler output to ``log``."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
+    console = _console()
     # cpp_extension's own notes ("No CUDA runtime is found", ...) belong in the log, not on the user's terminal
     ext_logger = logging.getLogger("torch.utils.cpp_extension")
     handler = logging.FileHandler(log)
@@ -147,14 +159,47 @@ def _build(name: str, sources: list[Path], build_dir: Path, log: Path, with_cuda
     try:
         from torch.utils import cpp_extension
 
-        _ninja_on_path()
-        if with_cuda:
-            _fix_cuda_home(cpp_extension)
-        _compile(cpp_extension, console, name, sources, build_dir, log, with_cuda)
+        with _build_environment(cpp_extension, with_cuda):
+            _compile(cpp_extension, console, name, sources, build_dir, log, with_cuda)
     finally:
         ext_logger.removeHandler(handler)
         ext_logger.propagate = propagate
         handler.close()
+
+
+def _console():
+    """rich's stderr console for the "compiling" spinner; without rich (a bare GPU image), a plain one-line note."""
+    try:
+        from rich.console import Console
+
+        return Console(stderr=True)
+    except ImportError:
+        class Plain:
+            @contextlib.contextmanager
+            def status(self, text: str):
+                print(text.replace("[bold]", ""), file=sys.stderr, flush=True)
+                yield
+
+        return Plain()
+
+
+@contextlib.contextmanager
+def _build_environment(cpp_extension, with_cuda: bool):
+    """PATH (ninja) and CUDA_HOME as the build needs them, restored on exit, also when the build fails."""
+    saved_env = {k: os.environ.get(k) for k in ("PATH", "CUDA_HOME")}
+    saved_home = cpp_extension.CUDA_HOME
+    try:
+        _ninja_on_path()
+        if with_cuda:
+            _fix_cuda_home(cpp_extension)
+        yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        cpp_extension.CUDA_HOME = saved_home
 
 
 def _ninja_on_path() -> None:
@@ -180,6 +225,22 @@ def _fix_cuda_home(cpp_extension) -> None:
         cpp_extension.CUDA_HOME = "/usr/local/cuda"
 
 
+def _load_kwargs(name: str, sources: list[Path], build_dir: Path, with_cuda: bool) -> dict:
+    """cpp_extension.load's arguments: the one place the build flags are set (the build and the CUDA compile check)."""
+    return dict(
+        name=name,
+        sources=[str(s) for s in sources],
+        extra_cflags=list(_CXX_FLAGS),
+        extra_cuda_cflags=list(_CUDA_FLAGS) if with_cuda else None,
+        extra_ldflags=list(_LD_FLAGS),
+        extra_include_paths=[str(kernels_dir())],  # `#include "nms/nms_math.h"` from any folder
+        build_directory=str(build_dir),
+        with_cuda=with_cuda,
+        is_python_module=False,
+        verbose=True,
+    )
+
+
 def _compile(cpp_extension, console, name: str, sources: list[Path], build_dir: Path, log: Path,
              with_cuda: bool) -> None:
     with open(log, "ab") as logf:
@@ -193,17 +254,7 @@ def _compile(cpp_extension, console, name: str, sources: list[Path], build_dir: 
                                 f"(first use, about a minute; log: {log})"):
                 os.dup2(logf.fileno(), 1)
                 try:
-                    cpp_extension.load(
-                        name=name,
-                        sources=[str(s) for s in sources],
-                        extra_cflags=list(_CXX_FLAGS),
-                        extra_cuda_cflags=list(_CUDA_FLAGS) if with_cuda else None,
-                        extra_ldflags=list(_LD_FLAGS),
-                        build_directory=str(build_dir),
-                        with_cuda=with_cuda,
-                        is_python_module=False,
-                        verbose=True,
-                    )
+                    cpp_extension.load(**_load_kwargs(name, sources, build_dir, with_cuda))
                 finally:
                     sys.stdout.flush()
                     os.dup2(saved, 1)
@@ -225,6 +276,37 @@ def has_kernel(qualname: str, device_type: str) -> bool:
         return False
 
 
+def record_impl(library: str, op: str, device_type: str, kind: str) -> str:
+    """Note that ``iouctl::<op>`` (of kernel library ``library``) resolved to ``kind`` on ``device_type``; returns
+    ``kind``. select_impl calls it; an op that resolves on its own (e.g. a host copy) calls it too."""
+    with _resolved_lock:
+        entry = _resolved.setdefault(op, {"library": library, "devices": {}})
+        entry["impl"] = kind
+        entry["devices"][device_type] = kind
+    return kind
+
+
+def implementations() -> dict[str, dict]:
+    """What each op resolved to in this process, for a run's meta.json (JSON-serializable)::
+
+        {"prroi_pool": {"impl": "cpp", "devices": {"cpu": "cpp"}, "library": "prroi_pool",
+                        "build_failed": False, "build_log": "/home/u/.cache/iouctl/torch_extensions/.../build.log"},
+         "batched_iou_guided_nms": {...}, ...}
+
+    impl: 'cpp' | 'cuda' | 'reference' | 'direct' (the latest resolution); devices: device type -> impl;
+    build_failed: the op's library failed to build or load (so 'auto' fell back to the reference); build_log: its
+    log (None when no build was tried). Ops never called in this process are absent.
+    """
+    with _resolved_lock:
+        out = {}
+        for op, entry in sorted(_resolved.items()):
+            lib = entry["library"]
+            log = _logs.get(lib)
+            out[op] = {"impl": entry["impl"], "devices": dict(entry["devices"]), "library": lib,
+                       "build_failed": _loaded.get(lib) is False, "build_log": str(log) if log else None}
+        return out
+
+
 def select_impl(library: str, impl: str, device: torch.device | str, op: str | None = None) -> str:
     """Resolve ``impl`` ('auto' | 'cpp' | 'cuda' | 'reference') for tensors on ``device``.
 
@@ -235,15 +317,16 @@ def select_impl(library: str, impl: str, device: torch.device | str, op: str | N
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
-    if impl == "reference":
-        return "reference"
     device_type = torch.device(device).type
-    qualname = f"iouctl::{op or library}"
+    op = op or library
+    qualname = f"iouctl::{op}"
+    if impl == "reference":
+        return record_impl(library, op, device_type, "reference")
     if impl == "auto":
         if device_type not in ("cpu", "cuda") or not load_library(library):
-            return "reference"
+            return record_impl(library, op, device_type, "reference")
         kind = "cuda" if device_type == "cuda" else "cpp"
-        return kind if has_kernel(qualname, device_type) else "reference"
+        return record_impl(library, op, device_type, kind if has_kernel(qualname, device_type) else "reference")
     wanted = "cuda" if impl == "cuda" else "cpu"
     if device_type != wanted:
         raise ValueError(
@@ -256,4 +339,78 @@ def select_impl(library: str, impl: str, device: torch.device | str, op: str | N
     if not has_kernel(qualname, wanted):
         why = "" if wanted == "cpu" else " (CUDA sources are compiled only when a GPU is visible at first use)"
         raise RuntimeError(f"impl={impl!r}: {qualname} has no {wanted.upper()} kernel in this build{why}")
-    return impl
+    return record_impl(library, op, device_type, impl)
+
+
+def check_cuda_compiles(build_root: Path, archs: tuple[str, ...] = ("8.0", "9.0")) -> dict[str, tuple[bool, Path]]:
+    """Compile (and link) every ``kernels/<op>/*.cu`` for the GPU architectures ``archs`` with the build's own flags,
+    without a GPU: {op: (compiled, log)}. Only the CUDA sources are built (the CPU ones are the normal build's).
+
+    The libraries are loaded into this process as cpp_extension does (their CUDA kernels register unused): run it in
+    a process of its own (see :func:`main`). Needs nvcc (CUDA_HOME or PATH).
+    """
+    from torch.utils import cpp_extension
+
+    results = {}
+    ext_logger = logging.getLogger("torch.utils.cpp_extension")
+    saved_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+    try:
+        for folder in sorted(p for p in kernels_dir().iterdir() if p.is_dir()):
+            sources = sorted(p for p in folder.iterdir() if p.suffix in _CUDA_SUFFIXES)
+            if not sources:
+                continue
+            build_dir = build_root / folder.name
+            build_dir.mkdir(parents=True, exist_ok=True)
+            log = build_dir / "build.log"
+            handler = logging.FileHandler(log)
+            ext_logger.addHandler(handler)
+            try:
+                with _build_environment(cpp_extension, with_cuda=True), open(log, "a") as logf, \
+                        contextlib.redirect_stdout(logf):
+                    sys.stdout.flush()
+                    saved = os.dup(1)
+                    os.dup2(logf.fileno(), 1)  # nvcc's output (a child process) goes to the log too
+                    try:
+                        cpp_extension.load(**_load_kwargs(f"iouctl_{folder.name}_cuda_check", sources, build_dir,
+                                                          with_cuda=True))
+                    finally:
+                        os.dup2(saved, 1)
+                        os.close(saved)
+                results[folder.name] = (True, log)
+            except Exception as e:  # noqa: BLE001 -- a compile error is the result being reported
+                with open(log, "a") as logf:
+                    logf.write(f"\n=== failed: {type(e).__name__}: {e}\n")
+                results[folder.name] = (False, log)
+            finally:
+                ext_logger.removeHandler(handler)
+                handler.close()
+    finally:
+        if saved_arch is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved_arch
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CUDA compile check as a command (exit status 0: every .cu compiled), e.g. in CI::
+
+        python -c "import sys; from iouctl.ops._extension import main; sys.exit(main(['--check-cuda', '8.0', '9.0']))"
+    """
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(prog="iouctl.ops._extension.main",
+                                 description="Compile every kernels/<op>/*.cu for the given GPU architectures.")
+    ap.add_argument("--check-cuda", nargs="*", metavar="ARCH", default=None,
+                    help="architectures (default: 8.0 9.0, i.e. sm_80 and sm_90)")
+    ap.add_argument("--build-dir", type=Path, default=None, help="where the objects go (default: a temp folder)")
+    a = ap.parse_args(argv)
+    if a.check_cuda is None:
+        ap.error("nothing to do: pass --check-cuda")
+    root = a.build_dir or Path(tempfile.mkdtemp(prefix="iouctl-cuda-check-"))
+    results = check_cuda_compiles(root, tuple(a.check_cuda) or ("8.0", "9.0"))
+    for op, (ok, log) in results.items():
+        print(f"{op}: {'compiled' if ok else 'FAILED'} (log: {log})")
+    return 0 if results and all(ok for ok, _ in results.values()) else 1

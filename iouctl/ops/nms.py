@@ -18,8 +18,10 @@ Kernels: ``kernels/nms/`` (schemas + CPU + CUDA), built on first use; pure-PyTor
 
 ``impl``: "auto" (the compiled kernel for the tensors' device; CUDA tensors without a CUDA build run the CPU kernel
 on a host copy; the reference when the build failed), "cpp", "cuda" (raises when not built), "reference".
-The CUDA kernels build a suppression bit mask on the GPU and scan it on the host (one copy, as torchvision); Soft-NMS
-on CUDA tensors runs the CPU kernel on a host copy.
+The CUDA kernels run the greedy scan of each category in one thread block (per-class segments, any number of boxes),
+with the IoU and suppression rule of the CPU kernels (``kernels/nms/nms_math.h``), so keep sets are equal bit for
+bit; their one device-to-host read is the number of kept boxes. Soft-NMS on CUDA tensors runs the CPU kernel on a
+host copy. The NaN checks below read CUDA tensors back once each.
 """
 from __future__ import annotations
 
@@ -92,6 +94,7 @@ def _resolve(impl: str, device: torch.device, op: str) -> str:
             kind = "cuda"
         else:  # not built with CUDA: the CPU kernel on a host copy beats a Python loop of tiny GPU launches
             kind = "cpp"
+        _extension.record_impl(_LIB, op, device.type, kind)
     else:
         kind = _extension.select_impl(_LIB, impl, device, op)
     if kind != "reference":

@@ -2,7 +2,8 @@
 differentiable in the features and in the box coordinates. An alternative to ``torchvision.ops.roi_align`` with
 the same box format (no half-pixel offset: feature cell (j, i) sits at (x=i, y=j)).
 
-Kernels: ``kernels/prroi_pool/`` (schema + CPU + CUDA), built on first use; autograd and fake kernels live here.
+Kernels: ``kernels/prroi_pool/`` (schema + CPU + CUDA; the per-element math shared by CPU and CUDA in
+``prroi_pool_math.h``), built on first use; autograd and fake kernels live here.
 """
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ _registered = False
 _register_lock = threading.Lock()
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# 'direct': the CUDA kernels' per-element bodies run by the CPU build (the oracle of the CUDA math; slower than 'cpp')
+IMPLS = (*_extension.IMPLS, "direct")
+# the C++ op pair each compiled implementation calls
+_OPS = {"cpp": ("prroi_pool", "_prroi_pool_backward"), "cuda": ("prroi_pool", "_prroi_pool_backward"),
+        "direct": ("_prroi_pool_direct", "_prroi_pool_direct_backward")}
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -29,12 +35,16 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.params = (ph, pw, scale)
 
 
-def _backward(ctx, grad: Tensor):
-    input, rois, output = ctx.saved_tensors
-    ph, pw, scale = ctx.params
-    need_input, need_rois = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gi, gr = torch.ops.iouctl._prroi_pool_backward(grad, input, rois, output, ph, pw, scale, need_input, need_rois)
-    return (gi if need_input else None, gr if need_rois else None, None, None, None)
+def _make_backward(backward_op: str):
+    def _backward(ctx, grad: Tensor):
+        input, rois, output = ctx.saved_tensors
+        ph, pw, scale = ctx.params
+        need_input, need_rois = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gi, gr = getattr(torch.ops.iouctl, backward_op)(grad, input, rois, output, ph, pw, scale, need_input,
+                                                        need_rois)
+        return (gi if need_input else None, gr if need_rois else None, None, None, None)
+
+    return _backward
 
 
 def _double_backward(ctx, *grads):
@@ -49,27 +59,41 @@ def _register() -> None:
         if _registered or not _extension.load_library(_LIB):
             return
 
-        @torch.library.register_fake("iouctl::prroi_pool")
         def _fake(input, rois, pooled_height, pooled_width, spatial_scale):
             return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
 
-        @torch.library.register_fake("iouctl::_prroi_pool_backward")
         def _fake_backward(grad, input, rois, output, pooled_height, pooled_width, spatial_scale, input_grad,
                            rois_grad):
             gi = torch.empty_like(input) if input_grad else input.new_empty((0,))
             gr = rois.new_empty((rois.shape[0], 5)) if rois_grad else rois.new_empty((0,))
             return gi, gr
 
-        torch.library.register_autograd("iouctl::prroi_pool", _backward, setup_context=_setup_context)
-        torch.library.register_autograd("iouctl::_prroi_pool_backward", _double_backward,
-                                        setup_context=lambda ctx, inputs, output: None)
+        for forward, backward in set(_OPS.values()):
+            torch.library.register_fake(f"iouctl::{forward}", _fake)
+            torch.library.register_fake(f"iouctl::{backward}", _fake_backward)
+            torch.library.register_autograd(f"iouctl::{forward}", _make_backward(backward),
+                                            setup_context=_setup_context)
+            torch.library.register_autograd(f"iouctl::{backward}", _double_backward,
+                                            setup_context=lambda ctx, inputs, output: None)
         _registered = True
 
 
 @torch.compiler.assume_constant_result  # torch.compile: resolved once at trace time (the build/lock stay eager)
 def _resolve(impl: str, device_type: str) -> str:
-    """'cpp' | 'cuda' | 'reference' for ``impl`` on ``device_type``, with the op's Python parts registered."""
-    kind = _extension.select_impl(_LIB, impl, device_type)
+    """'cpp' | 'cuda' | 'direct' | 'reference' for ``impl`` on ``device_type``, with the op's Python parts
+    registered."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+    if impl == "direct":
+        if device_type != "cpu":
+            raise ValueError(f"impl='direct' runs on CPU tensors but the input is on {device_type}; it is the CPU "
+                             "check of the CUDA math (on a GPU, impl='cuda' runs the same element bodies)")
+        if not _extension.load_library(_LIB):
+            raise RuntimeError(f"impl='direct': the '{_LIB}' kernels failed to build; see "
+                               f"{_extension.build_log(_LIB) or 'the KernelBuildWarning above'}")
+        kind = _extension.record_impl(_LIB, "prroi_pool", device_type, "direct")
+    else:
+        kind = _extension.select_impl(_LIB, impl, device_type)
     if kind != "reference":
         _register()
     return kind
@@ -82,8 +106,9 @@ def _pair(output_size) -> tuple[int, int]:
     return size
 
 
-def _rois(input: Tensor, boxes: Tensor | Sequence[Tensor]) -> Tensor:
-    """boxes as Tensor[K, 5] (batch index, x1, y1, x2, y2), checked against ``input``."""
+def _rois(input: Tensor, boxes: Tensor | Sequence[Tensor], same_dtype: bool = True) -> Tensor:
+    """boxes as Tensor[K, 5] (batch index, x1, y1, x2, y2), checked against ``input`` (dtype too, when
+    ``same_dtype``)."""
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
             raise ValueError("boxes must be Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of Tensor[L, 4] "
@@ -93,20 +118,22 @@ def _rois(input: Tensor, boxes: Tensor | Sequence[Tensor]) -> Tensor:
         for i, b in enumerate(boxes):
             if b.dim() != 2 or b.shape[1] != 4:
                 raise ValueError(f"boxes[{i}] must be Tensor[L, 4] (x1, y1, x2, y2); got shape {tuple(b.shape)}")
-            if b.device != input.device or b.dtype != input.dtype:
+            if b.device != input.device or (same_dtype and b.dtype != input.dtype):
                 raise ValueError(f"boxes[{i}] is {b.dtype} on {b.device} but input is {input.dtype} on "
                                  f"{input.device}; they must match")
         if len(boxes) > input.shape[0]:
             raise ValueError(f"got boxes for {len(boxes)} images but the input batch has {input.shape[0]}")
         if not boxes:
             return input.new_zeros((0, 5))
+        if not same_dtype and len({b.dtype for b in boxes}) > 1:
+            boxes = [b.float() for b in boxes]
         index = [torch.full((len(b), 1), float(i), dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)]
         rois = torch.cat([torch.cat(index), torch.cat(list(boxes))], dim=1)
     else:
         raise ValueError(f"boxes must be Tensor[K, 5] or a list of Tensor[L, 4]; got {type(boxes).__name__}")
     if rois.device != input.device:
         raise ValueError(f"boxes are on {rois.device} but input is on {input.device}; they must be on one device")
-    if rois.dtype != input.dtype:
+    if same_dtype and rois.dtype != input.dtype:
         raise ValueError(f"boxes are {rois.dtype} but input is {input.dtype}; they must have the same dtype")
     return rois
 
@@ -126,12 +153,17 @@ def prroi_pool(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size: int
             image, in image coordinates; same dtype and device as ``input``.
         output_size (int or (PH, PW)): bins per RoI.
         spatial_scale (float): multiplies the box coordinates (e.g. 1/8 for a stride-8 map).
-        impl: 'auto' (compiled kernel for the device, else the reference), 'cpp', 'cuda' or 'reference'.
+        impl: 'auto' (compiled kernel for the device, else the reference), 'cpp', 'cuda', 'reference', or
+            'direct' (CPU only: the CUDA kernels' per-element code run on the CPU, in the CUDA dtypes).
     Returns:
-        Tensor[K, C, PH, PW]
+        Tensor[K, C, PH, PW], in the input's dtype.
     Accuracy: the CPU kernel sums in float64 (prefix sums; bins thinner than 1/64 cell are summed directly), the
-    CUDA kernel in float32 (float64 for float64 input); float32 results are within ~1e-6 of the output scale.
-    Note: on CUDA a batch index outside [0, N) is not checked (that would synchronize); its RoI gives NaN.
+    CUDA kernel (and 'direct') in float32 (float64 for float64 input; the box gradient of a RoI with bins thinner
+    than 1/64 cell in float64); float32 results are within ~1e-6 of the output scale.
+    Autocast: under ``torch.autocast`` for the input's device the op pools in float32 (input and boxes cast, which
+    may then differ in dtype) and returns the input's dtype, as ``torchvision.ops.roi_align`` does.
+    A batch index that is not an integer in [0, N) raises ValueError on every device (on CUDA the forward reads
+    one flag back from the GPU for it; while a CUDA graph is being captured it is not checked and the RoI gives NaN).
     """
     if not isinstance(input, Tensor) or input.dim() != 4:
         shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
@@ -142,14 +174,23 @@ def prroi_pool(input: Tensor, boxes: Tensor | Sequence[Tensor], output_size: int
     scale = float(spatial_scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"spatial_scale must be a finite number > 0; got {spatial_scale!r}")
-    rois = _rois(input, boxes)
-    kind = _resolve(impl, input.device.type)
-    low = input.dtype in _LOW_PRECISION and kind != "cuda"
+    device_type = input.device.type
+    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+    rois = _rois(input, boxes, same_dtype=not autocast)
+    kind = _resolve(impl, device_type)
+    if autocast:  # float32, as roi_align under autocast; the autocast kernel in prroi_pool.cpp does the same
+        with torch.autocast(device_type, enabled=False):
+            return _pool(input.float(), rois.float(), ph, pw, scale, kind).to(input.dtype)
+    return _pool(input, rois, ph, pw, scale, kind)
+
+
+def _pool(input: Tensor, rois: Tensor, ph: int, pw: int, scale: float, kind: str) -> Tensor:
+    low = input.dtype in _LOW_PRECISION and kind not in ("cuda", "direct")  # those two compute half in float
     x, r = (input.float(), rois.float()) if low else (input, rois)
     if kind == "reference":
         out = prroi_pool_reference(x, r, ph, pw, scale)
     else:
-        out = torch.ops.iouctl.prroi_pool(x, r, ph, pw, scale)
+        out = getattr(torch.ops.iouctl, _OPS[kind][0])(x, r, ph, pw, scale)
     return out.to(input.dtype) if low else out
 
 
@@ -163,8 +204,8 @@ class PrRoIPool(nn.Module):
         super().__init__()
         self.output_size = _pair(output_size)
         self.spatial_scale = float(spatial_scale)
-        if impl not in _extension.IMPLS:
-            raise ValueError(f"impl must be one of {', '.join(_extension.IMPLS)}; got {impl!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
         self.impl = impl
 
     def forward(self, input: Tensor, boxes: Tensor | Sequence[Tensor]) -> Tensor:

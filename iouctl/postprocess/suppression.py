@@ -21,8 +21,9 @@ class NoPredictedIoU(IouctlError):
     """IoU-based arms on detections of a model without an IoU head."""
 
 
-def ranking_score(dets: Detections, score: str, cls_weight: float = 0.5) -> Tensor:
-    """The score an arm ranks by: cls, the predicted IoU, or the fused cls^w * IoU^(1-w) (IoU-aware detector)."""
+def ranking_score(dets: Detections, score: str) -> Tensor:
+    """The score an arm ranks by: cls, the predicted IoU, or the fused cls^a * IoU^(1-a) (IoU-aware detector), with a
+    the cls_weight of the model that made the detections (`dets.cls_weight`)."""
     if score not in SCORES:
         raise ValueError(f"nms.score={score!r} is not valid; choose one of {', '.join(SCORES)}")
     if score == "cls":
@@ -35,12 +36,12 @@ def ranking_score(dets: Detections, score: str, cls_weight: float = 0.5) -> Tens
         return dets.ious
     from iouctl.ops import iou_aware_score
 
-    return iou_aware_score(dets.scores, dets.ious, cls_weight=cls_weight)
+    return iou_aware_score(dets.scores, dets.ious, cls_weight=dets.cls_weight)
 
 
-def all_scores(dets: Detections, cls_weight: float = 0.5) -> dict[str, Tensor]:
+def all_scores(dets: Detections) -> dict[str, Tensor]:
     """Every ranking score the detections carry: cls, plus iou and fused when they have predicted IoUs."""
-    return {s: ranking_score(dets, s, cls_weight) for s in (SCORES if dets.has_ious else ("cls",))}
+    return {s: ranking_score(dets, s) for s in (SCORES if dets.has_ious else ("cls",))}
 
 
 @dataclass
@@ -54,11 +55,10 @@ class Kept:
         return out
 
 
-def _check_arm(iou_threshold: float, max_per_image: int, score: str = "cls", cls_weight: float = 0.5) -> None:
+def _check_arm(iou_threshold: float, max_per_image: int, score: str = "cls") -> None:
     from iouctl.ops.nms import check_real
 
     check_real(iou_threshold, "nms.iou_threshold", 0.0, 1.0)
-    check_real(cls_weight, "nms.cls_weight", 0.0, 1.0)
     if score not in SCORES:
         raise ValueError(f"nms.score={score!r} is not valid; choose one of {', '.join(SCORES)}")
     if isinstance(max_per_image, bool) or not isinstance(max_per_image, int) or max_per_image < 1:
@@ -97,21 +97,19 @@ class _PerImageNMS:
 class GreedyNMS(_PerImageNMS):
     """Greedy NMS per class, ranked by `score` (cls: the usual baseline); reports the ranking score."""
 
-    def __init__(self, iou_threshold: float = 0.5, score: str = "cls", cls_weight: float = 0.5,
-                 max_per_image: int = 100) -> None:
-        _check_arm(iou_threshold, max_per_image, score, cls_weight)
-        self.iou_threshold, self.score, self.cls_weight, self.max_per_image = iou_threshold, score, cls_weight, max_per_image
+    def __init__(self, iou_threshold: float = 0.5, score: str = "cls", max_per_image: int = 100) -> None:
+        _check_arm(iou_threshold, max_per_image, score)
+        self.iou_threshold, self.score, self.max_per_image = iou_threshold, score, max_per_image
 
     @property
     def name(self) -> str:
         return f"greedy[{self.score}]@{self.iou_threshold:g}"
 
     def _groups(self, dets: Detections, groups: Tensor) -> tuple[Tensor, Tensor]:
-        from iouctl.ops import batched_iou_guided_nms
+        from iouctl.ops import batched_nms
 
-        s = ranking_score(dets, self.score, self.cls_weight)
-        # Greedy NMS ranked by s is IoU-guided NMS with s as the "IoU": the same keep set, exact per group.
-        keep, _ = batched_iou_guided_nms(dets.boxes, s, s, groups, self.iou_threshold)
+        s = ranking_score(dets, self.score)
+        keep = batched_nms(dets.boxes, s, groups, self.iou_threshold)
         return keep, s[keep]
 
 
@@ -140,17 +138,16 @@ class SoftNMS(_PerImageNMS):
     IoU threshold (iou_threshold is used by the linear decay only)."""
 
     def __init__(self, method: str = "gaussian", sigma: float = 0.5, iou_threshold: float = 0.3,
-                 score_threshold: float = 0.001, score: str = "cls", cls_weight: float = 0.5,
-                 max_per_image: int = 100) -> None:
+                 score_threshold: float = 0.001, score: str = "cls", max_per_image: int = 100) -> None:
         from iouctl.ops.nms import check_soft_args
 
         try:
             check_soft_args(method, sigma, iou_threshold, score_threshold)
         except ValueError as e:
             raise ValueError(f"nms.{e}") from None
-        _check_arm(iou_threshold, max_per_image, score, cls_weight)
+        _check_arm(iou_threshold, max_per_image, score)
         self.method, self.sigma, self.iou_threshold, self.score_threshold = method, sigma, iou_threshold, score_threshold
-        self.score, self.cls_weight, self.max_per_image = score, cls_weight, max_per_image
+        self.score, self.max_per_image = score, max_per_image
 
     @property
     def name(self) -> str:
@@ -159,6 +156,6 @@ class SoftNMS(_PerImageNMS):
     def _groups(self, dets: Detections, groups: Tensor) -> tuple[Tensor, Tensor]:
         from iouctl.ops import batched_soft_nms
 
-        s = ranking_score(dets, self.score, self.cls_weight)
+        s = ranking_score(dets, self.score)
         return batched_soft_nms(dets.boxes, s, groups, method=self.method, sigma=self.sigma,
                                 iou_threshold=self.iou_threshold, score_threshold=self.score_threshold)

@@ -2,8 +2,8 @@
 //
 // Layout: boxes are sorted once (per class, then by rank, ties by index) and gathered into contiguous
 // structure-of-arrays coordinates, so the O(K*N) inner loops read memory linearly and vectorize (an AVX2 clone is
-// chosen at run time). The IoU is computed exactly as torchvision's CPU nms computes it, in the boxes' dtype:
-// inter / (area_i + area_j - inter) with area = (x2 - x1) * (y2 - y1), so keep sets agree bit for bit.
+// chosen at run time). The per-element math (IoU, suppression rule, Soft-NMS factor) is nms_math.h, shared with the
+// CUDA kernels: torchvision's CPU nms expression in the boxes' dtype, so keep sets agree bit for bit.
 // Determinism: every order is a total order (ties broken by index) and per-class work writes disjoint slices,
 // so results do not depend on the thread count.
 #include <ATen/ATen.h>
@@ -18,6 +18,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "nms/nms_checks.h"
+
 // The compare-and-select loops below only vectorize when GCC may assume comparisons do not trap; values are
 // unaffected (IEEE results, NaN and signed zeros are kept). Not -ffast-math: keep sets must match torchvision's.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -25,24 +27,15 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 
+// After the pragma, so that the shared math gets the same optimize options as the loops it is inlined into (GCC does
+// not inline across differing options).
+#include "nms/nms_math.h"
+
 namespace {
 
-// std::max / std::min semantics (first argument unless the comparison holds), defined here because the optimize
-// pragma above stops GCC from inlining the <algorithm> ones into the hot loops.
-template <typename T>
-inline T max_(T a, T b) { return a < b ? b : a; }
-template <typename T>
-inline T min_(T a, T b) { return b < a ? b : a; }
-
-// IoU of box i (corners and area) with box j: the same expressions as torchvision's CPU nms (the argument order of
-// max/min fixes the NaN behaviour too), so keep sets agree bit for bit.
-template <typename T>
-inline T iou_(T ix1, T iy1, T ix2, T iy2, T ia, T jx1, T jy1, T jx2, T jy2, T ja) {
-  const T w = max_(static_cast<T>(0), min_(ix2, jx2) - max_(ix1, jx1));
-  const T h = max_(static_cast<T>(0), min_(iy2, jy2) - max_(iy1, jy1));
-  const T inter = w * h;
-  return inter / (ia + ja - inter);
-}
+using iouctl::max_;
+using iouctl::min_;
+using iouctl::threshold_as;
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define IOUCTL_NMS_AVX2 1
@@ -59,15 +52,6 @@ bool cpu_has_avx2() {
 #else
   return false;
 #endif
-}
-
-// The largest T not above thr, so that for every T x: (double)x > thr  <=>  x > threshold_as<T>(thr).
-// torchvision compares the T overlap with the double threshold; this keeps the comparison in T lanes.
-template <typename T>
-T threshold_as(double thr) {
-  T t = static_cast<T>(thr);
-  if (static_cast<double>(t) > thr) t = std::nextafter(t, -std::numeric_limits<T>::infinity());
-  return t;
 }
 
 // Owner ids share the lane width of T so the compare-and-select vectorizes (int32 with float, int64 with double).
@@ -96,9 +80,9 @@ IOUCTL_INLINE void greedy_segment_body(
     while (hi > i && owner[hi] >= 0) --hi;
     const T ix1 = x1[i], iy1 = y1[i], ix2 = x2[i], iy2 = y2[i], ia = area[i];
     for (int64_t j = i + 1; j <= hi; ++j) {
-      const T ovr = iou_(ix1, iy1, ix2, iy2, ia, x1[j], y1[j], x2[j], y2[j], area[j]);
+      const T ovr = iouctl::box_iou<T>(ix1, iy1, ix2, iy2, ia, x1[j], y1[j], x2[j], y2[j], area[j]);
       const O o = owner[j];
-      owner[j] = ((o < 0) & (ovr > thr)) ? oi : o;
+      owner[j] = ((o < 0) & iouctl::suppresses<T>(ovr, thr)) ? oi : o;
     }
   }
 }
@@ -190,22 +174,20 @@ IOUCTL_INLINE void soft_segment_body(
       const T* bx1 = x1 + lo; const T* by1 = y1 + lo; const T* bx2 = x2 + lo; const T* by2 = y2 + lo;
       const T* bar = area + lo;
       double* bs = s + lo;
-      for (int64_t j = 0; j < len; ++j) ov[j] = iou_(ix1, iy1, ix2, iy2, ia, bx1[j], by1[j], bx2[j], by2[j], bar[j]);
-      // A NaN overlap (NaN coordinates) counts as no overlap: both tests below are false for NaN.
+      for (int64_t j = 0; j < len; ++j) {
+        ov[j] = iouctl::box_iou<T>(ix1, iy1, ix2, iy2, ia, bx1[j], by1[j], bx2[j], by2[j], bar[j]);
+      }
+      // A NaN overlap (NaN coordinates) counts as no overlap: the factor is 1. One loop per method.
       if (gaussian) {
         for (int64_t j = 0; j < len; ++j) {
-          const T o = ov[j];
-          if (o > static_cast<T>(0)) {  // exp(0) = 1: only overlapping boxes change
-            const double od = static_cast<double>(o);
-            const double ns = bs[j] * std::exp(-(od * od) / sigma);
+          if (ov[j] > static_cast<T>(0)) {  // the factor is 1 elsewhere: only overlapping boxes change (no exp)
+            const double ns = bs[j] * iouctl::soft_nms_weight<T>(ov[j], true, sigma, thr);
             bs[j] = ns >= score_threshold ? ns : kDead;
           }
         }
-      } else {
+      } else {  // a dead entry (-inf) stays -inf, or becomes -inf * 0 = NaN, which the test turns back into dead
         for (int64_t j = 0; j < len; ++j) {
-          const double w1 = 1.0 - static_cast<double>(ov[j]);
-          const double wgt = ov[j] > thr ? w1 : 1.0;
-          const double ns = bs[j] * wgt;  // -inf * 0 = NaN for a dead entry: the test below keeps it dead
+          const double ns = bs[j] * iouctl::soft_nms_weight<T>(ov[j], false, sigma, thr);
           bs[j] = ns >= score_threshold ? ns : kDead;
         }
       }
@@ -277,41 +259,18 @@ int64_t class_grain(const std::vector<int64_t>& seg) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Input checks. The Python wrappers give the friendly messages; these keep a direct torch.ops call from reading out
-// of bounds or handing NaN to std::sort (undefined behaviour with a non-strict ordering).
+// Input checks: nms_checks.h (shared with the CUDA kernels), plus the value checks only the CPU makes for free.
+using iouctl::nms_checks::check_boxes;
+using iouctl::nms_checks::check_iou_threshold;
+using iouctl::nms_checks::check_vector;
+using iouctl::nms_checks::compute_type;
 
-void check_boxes(const at::Tensor& boxes) {
-  TORCH_CHECK_VALUE(boxes.dim() == 2 && boxes.size(1) == 4, "boxes must be Tensor[N, 4] (x1, y1, x2, y2), got shape ",
-                    boxes.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(boxes.scalar_type()), "boxes must be floating point, got ",
-                    boxes.scalar_type());
-}
-
-void check_vector(const at::Tensor& t, const char* name, int64_t n, bool floating) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, name, " must be Tensor[N] with N = ", n,
-                    " (one per box), got shape ", t.sizes());
-  if (floating) {
-    TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), name, " must be floating point, got ", t.scalar_type());
-  } else {
-    TORCH_CHECK_VALUE(at::isIntegralType(t.scalar_type(), /*includeBool=*/false), name,
-                      " must be an integer tensor of category ids, got ", t.scalar_type());
-  }
-}
-
+// NaN ranks would hand std::sort a non-strict ordering (undefined behaviour).
 void check_no_nan(const double* v, int64_t n, const char* name) {
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK_VALUE(!std::isnan(v[i]), name, " contains NaN (first at index ", i,
                       "); NMS needs an ordering: replace or drop NaN scores first");
   }
-}
-
-void check_iou_threshold(double thr) {
-  TORCH_CHECK_VALUE(thr >= 0.0 && thr <= 1.0, "iou_threshold must be in [0, 1], got ", thr);
-}
-
-at::ScalarType compute_type(const at::Tensor& boxes) {
-  // half / bfloat16 boxes are computed in float32, as the IoU of large coordinates overflows half.
-  return boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 at::Tensor to_cpu_double(const at::Tensor& t) {
@@ -327,7 +286,7 @@ void gather_boxes(const at::Tensor& boxes_c, const std::vector<int64_t>& order, 
     const int64_t i = order[p];
     const T x1 = b[4 * i], y1 = b[4 * i + 1], x2 = b[4 * i + 2], y2 = b[4 * i + 3];
     bx.x1[p] = x1; bx.y1[p] = y1; bx.x2[p] = x2; bx.y2[p] = y2;
-    bx.area[p] = (x2 - x1) * (y2 - y1);
+    bx.area[p] = iouctl::box_area<T>(x1, y1, x2, y2);
   }
 }
 
@@ -424,12 +383,10 @@ std::tuple<at::Tensor, at::Tensor> iou_guided_dispatch(
     const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, const at::Tensor* idxs,
     double iou_threshold) {
   check_boxes(boxes);
-  const int64_t n = boxes.size(0);
-  check_vector(scores, "scores", n, true);
-  check_vector(ious, "ious", n, true);
-  if (idxs != nullptr) check_vector(*idxs, "idxs", n, false);
+  check_vector(scores, "scores", boxes, true);
+  check_vector(ious, "ious", boxes, true);
+  if (idxs != nullptr) check_vector(*idxs, "idxs", boxes, false);
   check_iou_threshold(iou_threshold);
-  TORCH_CHECK_VALUE(n < std::numeric_limits<int32_t>::max(), "at most 2^31 - 2 boxes are supported, got ", n);
   if (compute_type(boxes) == at::kDouble) return iou_guided_impl<double>(boxes, scores, ious, idxs, iou_threshold);
   return iou_guided_impl<float>(boxes, scores, ious, idxs, iou_threshold);
 }
@@ -557,9 +514,8 @@ std::tuple<at::Tensor, at::Tensor> soft_impl(
 std::tuple<at::Tensor, at::Tensor> soft_dispatch(
     const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor* idxs, const SoftArgs& p) {
   check_boxes(boxes);
-  const int64_t n = boxes.size(0);
-  check_vector(scores, "scores", n, true);
-  if (idxs != nullptr) check_vector(*idxs, "idxs", n, false);
+  check_vector(scores, "scores", boxes, true);
+  if (idxs != nullptr) check_vector(*idxs, "idxs", boxes, false);
   if (compute_type(boxes) == at::kDouble) return soft_impl<double>(boxes, scores, idxs, p);
   return soft_impl<float>(boxes, scores, idxs, p);
 }

@@ -1,136 +1,138 @@
-// CUDA kernels of the NMS family.
+// CUDA kernels of the NMS family. The IoU and the suppression rule are nms_math.h (shared with the CPU kernels; on
+// the device every operation is a round-to-nearest intrinsic), so the GPU keeps bit for bit what the CPU keeps.
 //
-// Greedy / IoU-guided NMS: sort by rank on the GPU (stable: ties by index), then one kernel fills an upper-triangular
-// bit mask, mask[i][j / 64] bit j % 64 = "IoU(i, j) > threshold" for j > i in rank order (and, for the batched op,
-// same category: per-class NMS exactly, with no coordinate offsets). The sequential scan over the mask runs on the
-// host: a greedy NMS is inherently serial and its output size is data-dependent, so one device-to-host copy is
-// needed anyway (as in torchvision). Above kMaxMaskBoxes boxes the mask (N^2 / 8 bytes) would be too large, and the
-// CPU kernel runs on a host copy instead. Soft-NMS (serial and data-dependent throughout) always runs on a host copy.
-//
-// The IoU uses round-to-nearest intrinsics (__fmul_rn, ...): they are never contracted into FMAs nor approximated
-// under --use_fast_math, so the GPU computes bit for bit what the CPU kernel (and torchvision's CPU nms) computes.
+// Greedy / IoU-guided NMS, per class: boxes are sorted on the GPU by (class, decreasing rank, index) with two stable
+// sorts, so each class is one contiguous segment; one thread block runs the greedy scan of one segment (blocks take
+// segments in turn). The scan keeps the segment's first live box i, and the block's threads test every later box j
+// of the segment against it in parallel: a live j with IoU > threshold is suppressed and joins i's cluster (IoU-Net
+// Alg. 1: its score raises i's cluster score); the smallest j still alive is the next kept box, found by the same
+// block reduction that takes the cluster maximum. Cost: the sum over classes of kept x segment size, with no N x N
+// mask, no size limit and no host round trip; the one device-to-host read is the number of kept boxes (the output
+// size is data-dependent), as in torchvision. Deterministic: no atomics, fixed reduction order.
+// Soft-NMS (serial and data-dependent throughout) runs the CPU kernel on host copies.
+// Checks: nms_checks.h, the CPU kernels' own. NaN ranks are not looked for here (a device-to-host read): the Python
+// wrappers raise on them; through torch.ops directly they sort as torch.sort sorts NaN.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <vector>
+
+#include "nms/nms_checks.h"
+#include "nms/nms_math.h"
 
 namespace {
 
-constexpr int kBits = 64;                   // boxes per mask word = threads per block
-constexpr int64_t kMaxMaskBoxes = 1 << 15;  // 32768 boxes: a 128 MiB mask
+namespace checks = iouctl::nms_checks;
 
-template <typename T>
-struct Rn;
-template <>
-struct Rn<float> {
-  __device__ static float mul(float a, float b) { return __fmul_rn(a, b); }
-  __device__ static float add(float a, float b) { return __fadd_rn(a, b); }
-  __device__ static float sub(float a, float b) { return __fsub_rn(a, b); }
-  __device__ static float div(float a, float b) { return __fdiv_rn(a, b); }
-};
-template <>
-struct Rn<double> {
-  __device__ static double mul(double a, double b) { return __dmul_rn(a, b); }
-  __device__ static double add(double a, double b) { return __dadd_rn(a, b); }
-  __device__ static double sub(double a, double b) { return __dsub_rn(a, b); }
-  __device__ static double div(double a, double b) { return __ddiv_rn(a, b); }
-};
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+static_assert(kThreads % 32 == 0 && kThreads <= 1024, "the block reduction works warp by warp");
 
-// IoU as the CPU kernel computes it: std::max(a, b) = a < b ? b : a and std::min(a, b) = b < a ? b : a keep the
-// same NaN behaviour; inter / ((area_a + area_b) - inter).
-template <typename T>
-__device__ __forceinline__ T iou_of(const T* a, T area_a, const T* b, T area_b) {
-  using R = Rn<T>;
-  const T xx1 = a[0] < b[0] ? b[0] : a[0];
-  const T yy1 = a[1] < b[1] ? b[1] : a[1];
-  const T xx2 = b[2] < a[2] ? b[2] : a[2];
-  const T yy2 = b[3] < a[3] ? b[3] : a[3];
-  const T dw = R::sub(xx2, xx1);
-  const T dh = R::sub(yy2, yy1);
-  const T w = T(0) < dw ? dw : T(0);
-  const T h = T(0) < dh ? dh : T(0);
-  const T inter = R::mul(w, h);
-  return R::div(inter, R::sub(R::add(area_a, area_b), inter));
-}
-
-template <typename T>
-__global__ void area_kernel(int64_t n, const T* __restrict boxes, T* __restrict area) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) {
-    const T* b = boxes + 4 * i;
-    area[i] = Rn<T>::mul(Rn<T>::sub(b[2], b[0]), Rn<T>::sub(b[3], b[1]));
-  }
-}
-
-// Block (col_block, row_block) compares 64 rows with 64 columns; blocks below the diagonal are never read.
-template <typename T>
-__global__ void mask_kernel(int64_t n, int64_t words, const T* __restrict boxes, const T* __restrict area,
-                            const int64_t* __restrict cat, T thr, uint64_t* __restrict mask) {
-  const int64_t row_block = blockIdx.y, col_block = blockIdx.x;
-  if (col_block < row_block) return;
-  const int64_t row_start = row_block * kBits, col_start = col_block * kBits;
-  const int rows = static_cast<int>(min(n - row_start, static_cast<int64_t>(kBits)));
-  const int cols = static_cast<int>(min(n - col_start, static_cast<int64_t>(kBits)));
-  __shared__ T sbox[kBits * 4];
-  __shared__ T sarea[kBits];
-  __shared__ int64_t scat[kBits];
-  const int t = threadIdx.x;
-  if (t < cols) {
-    const int64_t j = col_start + t;
-    for (int k = 0; k < 4; ++k) sbox[4 * t + k] = boxes[4 * j + k];
-    sarea[t] = area[j];
-    scat[t] = cat != nullptr ? cat[j] : 0;
-  }
-  __syncthreads();
-  if (t < rows) {
-    const int64_t i = row_start + t;
-    T bi[4];
-    for (int k = 0; k < 4; ++k) bi[k] = boxes[4 * i + k];
-    const T ai = area[i];
-    const int64_t ci = cat != nullptr ? cat[i] : 0;
-    uint64_t bits = 0;
-    for (int k = (row_block == col_block) ? t + 1 : 0; k < cols; ++k) {  // only j > i
-      if (scat[k] == ci && iou_of<T>(bi, ai, sbox + 4 * k, sarea[k]) > thr) bits |= uint64_t(1) << k;
+// Segment starts of the sorted categories: starts[s] = first position of segment s, starts[nseg] = n; nseg[0] = the
+// number of segments. seg_id is the inclusive prefix sum of the "new segment" flags (so seg_id[p] - 1 is p's segment).
+__global__ void __launch_bounds__(kThreads)
+    segment_starts_kernel(int64_t n, const int64_t* __restrict__ cat, const int64_t* __restrict__ seg_id,
+                          int64_t* __restrict__ starts, int64_t* __restrict__ nseg) {
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < n;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const bool first = p == 0 || (cat != nullptr && cat[p] != cat[p - 1]);
+    if (first) starts[seg_id[p] - 1] = p;
+    if (p == n - 1) {
+      starts[seg_id[p]] = n;
+      nseg[0] = seg_id[p];
     }
-    mask[i * words + col_block] = bits;
   }
 }
 
-// The largest T not above thr (see threshold_as in nms_cpu.cpp): x > result <=> (double)x > thr.
+__global__ void __launch_bounds__(kThreads)
+    first_flags_kernel(int64_t n, const int64_t* __restrict__ cat, int64_t* __restrict__ flag) {
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < n;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    flag[p] = (p == 0 || (cat != nullptr && cat[p] != cat[p - 1])) ? 1 : 0;
+  }
+}
+
+// The greedy scan of each segment (see the top of the file). Boxes are sorted, as structure-of-arrays x1, y1, x2, y2
+// (area computed here with the shared math); cls: the sorted classification scores in float64.
+// Out: kept[p] = 1 for a kept position, best[p] = its cluster score (max of cls over the boxes it suppressed, itself
+// included).
 template <typename T>
-T threshold_as(double thr) {
-  T t = static_cast<T>(thr);
-  if (static_cast<double>(t) > thr) t = std::nextafter(t, -std::numeric_limits<T>::infinity());
-  return t;
-}
-
-void check_inputs(const at::Tensor& boxes, std::initializer_list<std::pair<const at::Tensor*, const char*>> vecs) {
-  TORCH_CHECK_VALUE(boxes.dim() == 2 && boxes.size(1) == 4, "boxes must be Tensor[N, 4] (x1, y1, x2, y2), got shape ",
-                    boxes.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(boxes.scalar_type()), "boxes must be floating point, got ",
-                    boxes.scalar_type());
-  for (const auto& [t, name] : vecs) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == boxes.size(0), name, " must be Tensor[N] with N = ",
-                      boxes.size(0), " (one per box), got shape ", t->sizes());
-    TORCH_CHECK_VALUE(t->device() == boxes.device(), name, " is on ", t->device(), " but boxes are on ",
-                      boxes.device());
+__global__ void __launch_bounds__(kThreads)
+    greedy_segments_kernel(const T* __restrict__ box, const double* __restrict__ cls,
+                           const int64_t* __restrict__ starts, const int64_t* __restrict__ nseg, T thr,
+                           T* __restrict__ area, int32_t* __restrict__ owner, uint8_t* __restrict__ kept,
+                           double* __restrict__ best) {
+  // double-buffered per-warp partials: one __syncthreads per kept box (the buffer written next was last read before
+  // the previous barrier)
+  __shared__ int64_t warp_next[2][kWarps];
+  __shared__ double warp_best[2][kWarps];
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+  const int64_t count = nseg[0];
+  for (int64_t s = blockIdx.x; s < count; s += gridDim.x) {
+    const int64_t a = starts[s], b = starts[s + 1];
+    for (int64_t j = a + t; j < b; j += kThreads) {
+      area[j] = iouctl::box_area<T>(box[4 * j], box[4 * j + 1], box[4 * j + 2], box[4 * j + 3]);
+      owner[j] = -1;
+      kept[j] = 0;
+    }
+    __syncthreads();
+    int buf = 0;
+    int64_t i = a;  // the segment's first box has the top rank: always kept
+    while (i < b) {
+      const T ix1 = box[4 * i], iy1 = box[4 * i + 1], ix2 = box[4 * i + 2], iy2 = box[4 * i + 3], ia = area[i];
+      int64_t next = b;  // smallest j > i still alive after this pass
+      double top = cls[i];
+      for (int64_t j = i + 1 + t; j < b; j += kThreads) {
+        if (owner[j] >= 0) continue;
+        const T o = iouctl::box_iou<T>(ix1, iy1, ix2, iy2, ia, box[4 * j], box[4 * j + 1], box[4 * j + 2],
+                                       box[4 * j + 3], area[j]);
+        if (iouctl::suppresses<T>(o, thr)) {
+          owner[j] = static_cast<int32_t>(i - a);
+          top = fmax(top, cls[j]);
+        } else if (j < next) {
+          next = j;
+        }
+      }
+      for (int off = 16; off > 0; off >>= 1) {
+        const int64_t on = __shfl_down_sync(0xffffffffu, next, off);
+        const double ot = __shfl_down_sync(0xffffffffu, top, off);
+        next = on < next ? on : next;
+        top = fmax(top, ot);
+      }
+      if (lane == 0) {
+        warp_next[buf][warp] = next;
+        warp_best[buf][warp] = top;
+      }
+      __syncthreads();
+      next = b;
+      top = cls[i];
+      for (int w = 0; w < kWarps; ++w) {  // every thread reduces the partials in the same order: same result
+        next = warp_next[buf][w] < next ? warp_next[buf][w] : next;
+        top = fmax(top, warp_best[buf][w]);
+      }
+      if (t == 0) {
+        owner[i] = static_cast<int32_t>(i - a);
+        kept[i] = 1;
+        best[i] = top;
+      }
+      buf ^= 1;
+      i = next;
+    }
+    __syncthreads();  // before the next segment's initialization reuses nothing shared, but keeps blocks in step
   }
 }
 
-using IouGuidedFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                       double);
-using BatchedIouGuidedFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                              const at::Tensor&, const at::Tensor&, double);
-
-std::tuple<at::Tensor, at::Tensor> to_device(const std::tuple<at::Tensor, at::Tensor>& r, const at::Device& d) {
-  return {std::get<0>(r).to(d), std::get<1>(r).to(d)};
+int64_t blocks_for(int64_t work, int64_t per_sm) {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return std::max<int64_t>(1, std::min<int64_t>(work, static_cast<int64_t>(sms) * per_sm));
 }
 
 template <typename T>
@@ -138,93 +140,66 @@ std::tuple<at::Tensor, at::Tensor> iou_guided_cuda_impl(
     const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, const at::Tensor* idxs,
     double iou_threshold) {
   const int64_t n = boxes.size(0);
-  const at::Device device = boxes.device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor rank = ious.to(at::kDouble);
-  const at::Tensor order = std::get<1>(rank.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
-  const at::Tensor sboxes =
-      boxes.to(c10::CppTypeToScalarType<T>::value).index_select(0, order).contiguous();
-  at::Tensor scat;
-  if (idxs != nullptr) scat = idxs->to(at::kLong).index_select(0, order).contiguous();
-  at::Tensor area = at::empty({n}, sboxes.options());
-  const int64_t words = (n + kBits - 1) / kBits;
-  at::Tensor mask = at::empty({n, words}, boxes.options().dtype(at::kLong));
-  area_kernel<T><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(n, sboxes.data_ptr<T>(),
-                                                                               area.data_ptr<T>());
+  const at::TensorOptions longs = boxes.options().dtype(at::kLong);
+  // positions in (category, decreasing rank, index) order: a stable sort by rank, then a stable sort by category
+  const at::Tensor by_rank = std::get<1>(ious.to(at::kDouble).sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
+  at::Tensor order = by_rank, cat;
+  if (idxs != nullptr) {
+    const at::Tensor cat_by_rank = idxs->to(at::kLong).index_select(0, by_rank);
+    const at::Tensor by_cat = std::get<1>(cat_by_rank.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+    order = by_rank.index_select(0, by_cat);
+    cat = cat_by_rank.index_select(0, by_cat).contiguous();
+  }
+  const at::Tensor sboxes = boxes.to(c10::CppTypeToScalarType<T>::value).index_select(0, order).contiguous();
+  const at::Tensor cls = scores.to(at::kDouble).index_select(0, order).contiguous();
+  const int64_t* cat_p = idxs != nullptr ? cat.const_data_ptr<int64_t>() : nullptr;
+
+  at::Tensor flag = at::empty({n}, longs);
+  first_flags_kernel<<<blocks_for((n + kThreads - 1) / kThreads, 8), kThreads, 0, stream>>>(n, cat_p,
+                                                                                           flag.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const dim3 grid(static_cast<unsigned>(words), static_cast<unsigned>(words));
-  mask_kernel<T><<<grid, kBits, 0, stream>>>(n, words, sboxes.data_ptr<T>(), area.data_ptr<T>(),
-                                             idxs != nullptr ? scat.data_ptr<int64_t>() : nullptr,
-                                             threshold_as<T>(iou_threshold),
-                                             reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>()));
+  const at::Tensor seg_id = flag.cumsum(0);
+  at::Tensor starts = at::empty({n + 1}, longs), nseg = at::empty({1}, longs);
+  segment_starts_kernel<<<blocks_for((n + kThreads - 1) / kThreads, 8), kThreads, 0, stream>>>(
+      n, cat_p, seg_id.const_data_ptr<int64_t>(), starts.data_ptr<int64_t>(), nseg.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // Host scan (the copies below wait for the kernels on this stream).
-  const at::Tensor mask_h = mask.cpu();
-  const at::Tensor cls_h = scores.to(at::kDouble).index_select(0, order).cpu();
-  const uint64_t* m = reinterpret_cast<const uint64_t*>(mask_h.data_ptr<int64_t>());
-  const double* cls = cls_h.data_ptr<double>();
-  std::vector<uint64_t> removed(words, 0);
-  std::vector<int64_t> kept;
-  std::vector<double> best(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t w0 = i / kBits;
-    if ((removed[w0] >> (i % kBits)) & 1) continue;
-    kept.push_back(i);
-    double b = cls[i];
-    const uint64_t* row = m + i * words;
-    for (int64_t w = w0; w < words; ++w) {
-      uint64_t fresh = row[w] & ~removed[w];  // boxes this one suppresses first: its cluster (Alg. 1)
-      removed[w] |= fresh;
-      while (fresh != 0) {
-        const int bit = __builtin_ctzll(fresh);
-        b = std::max(b, cls[w * kBits + bit]);
-        fresh &= fresh - 1;
-      }
-    }
-    best[i] = b;
-  }
-  const int64_t k = static_cast<int64_t>(kept.size());
-  at::Tensor kept_t = at::empty({k}, at::TensorOptions().dtype(at::kLong));
-  at::Tensor cs_t = at::empty({k}, at::TensorOptions().dtype(at::kDouble));
-  for (int64_t q = 0; q < k; ++q) {
-    kept_t.data_ptr<int64_t>()[q] = kept[q];
-    cs_t.data_ptr<double>()[q] = best[kept[q]];
-  }
-  // Rank order with ties by index is the order of the merged output (torchvision's batched_nms order).
-  return {order.index_select(0, kept_t.to(device)), cs_t.to(scores.scalar_type()).to(device)};
+  at::Tensor area = at::empty({n}, sboxes.options());
+  at::Tensor owner = at::empty({n}, boxes.options().dtype(at::kInt));
+  at::Tensor kept = at::empty({n}, boxes.options().dtype(at::kByte));
+  at::Tensor best = at::empty({n}, cls.options());
+  // the number of segments is on the device: launch enough blocks for the busy case, idle ones exit at once
+  greedy_segments_kernel<T><<<blocks_for(n, 4), kThreads, 0, stream>>>(
+      sboxes.const_data_ptr<T>(), cls.const_data_ptr<double>(), starts.const_data_ptr<int64_t>(),
+      nseg.const_data_ptr<int64_t>(), iouctl::threshold_as<T>(iou_threshold), area.data_ptr<T>(),
+      owner.data_ptr<int32_t>(), kept.data_ptr<uint8_t>(), best.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // Output in decreasing rank, ties by index, over all categories (torchvision's batched_nms order): the by_rank
+  // order, filtered. The boolean index is the one device-to-host read (the number of kept boxes).
+  at::Tensor kept_by_index = at::zeros({n}, kept.options()).index_put_({order}, kept);
+  at::Tensor best_by_index = at::empty({n}, best.options()).index_put_({order}, best);
+  const at::Tensor keep = by_rank.index({kept_by_index.index_select(0, by_rank).to(at::kBool)});
+  return {keep, best_by_index.index_select(0, keep).to(scores.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> iou_guided_cuda_dispatch(
     const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, const at::Tensor* idxs,
     double iou_threshold) {
-  if (idxs != nullptr) {
-    check_inputs(boxes, {{&scores, "scores"}, {&ious, "ious"}, {idxs, "idxs"}});
-  } else {
-    check_inputs(boxes, {{&scores, "scores"}, {&ious, "ious"}});
-  }
-  TORCH_CHECK_VALUE(iou_threshold >= 0.0 && iou_threshold <= 1.0, "iou_threshold must be in [0, 1], got ",
-                    iou_threshold);
-  TORCH_CHECK_VALUE(!at::isnan(ious).any().item<bool>(), "ious contains NaN; NMS needs an ordering");
-  TORCH_CHECK_VALUE(!at::isnan(scores).any().item<bool>(), "scores contains NaN; NMS needs an ordering");
+  checks::check_boxes(boxes);
+  checks::check_vector(scores, "scores", boxes, true);
+  checks::check_vector(ious, "ious", boxes, true);
+  if (idxs != nullptr) checks::check_vector(*idxs, "idxs", boxes, false);
+  checks::check_iou_threshold(iou_threshold);
   const c10::cuda::CUDAGuard guard(boxes.device());
-  const int64_t n = boxes.size(0);
-  if (n == 0) {
+  if (boxes.size(0) == 0) {
     return {at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options())};
   }
-  if (n > kMaxMaskBoxes) {  // mask too large: the CPU kernel on a host copy
-    if (idxs != nullptr) {
-      static auto op = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("iouctl::batched_iou_guided_nms", "")
-                           .typed<BatchedIouGuidedFn>();
-      return to_device(op.call(boxes.cpu(), scores.cpu(), ious.cpu(), idxs->cpu(), iou_threshold), boxes.device());
-    }
-    static auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("iouctl::iou_guided_nms", "").typed<IouGuidedFn>();
-    return to_device(op.call(boxes.cpu(), scores.cpu(), ious.cpu(), iou_threshold), boxes.device());
+  if (checks::compute_type(boxes) == at::kDouble) {
+    return iou_guided_cuda_impl<double>(boxes, scores, ious, idxs, iou_threshold);
   }
-  if (boxes.scalar_type() == at::kDouble) return iou_guided_cuda_impl<double>(boxes, scores, ious, idxs, iou_threshold);
-  return iou_guided_cuda_impl<float>(boxes, scores, ious, idxs, iou_threshold);  // half/bfloat16 in float32
+  return iou_guided_cuda_impl<float>(boxes, scores, ious, idxs, iou_threshold);
 }
 
 std::tuple<at::Tensor, at::Tensor> iou_guided_nms_cuda(
@@ -238,10 +213,16 @@ std::tuple<at::Tensor, at::Tensor> batched_iou_guided_nms_cuda(
   return iou_guided_cuda_dispatch(boxes, scores, ious, &idxs, iou_threshold);
 }
 
-// Soft-NMS: the CPU kernel on host copies (see the top of the file).
+std::tuple<at::Tensor, at::Tensor> to_device(const std::tuple<at::Tensor, at::Tensor>& r, const at::Device& d) {
+  return {std::get<0>(r).to(d), std::get<1>(r).to(d)};
+}
+
+// Soft-NMS: the CPU kernel on host copies (see the top of the file), after the same checks.
 std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(
     const at::Tensor& boxes, const at::Tensor& scores, c10::string_view method, double sigma, double iou_threshold,
     double score_threshold) {
+  checks::check_boxes(boxes);
+  checks::check_vector(scores, "scores", boxes, true);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("iouctl::soft_nms", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
@@ -252,6 +233,9 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(
 std::tuple<at::Tensor, at::Tensor> batched_soft_nms_cuda(
     const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs, c10::string_view method, double sigma,
     double iou_threshold, double score_threshold) {
+  checks::check_boxes(boxes);
+  checks::check_vector(scores, "scores", boxes, true);
+  checks::check_vector(idxs, "idxs", boxes, false);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("iouctl::batched_soft_nms", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,

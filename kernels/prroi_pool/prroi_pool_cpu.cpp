@@ -11,7 +11,14 @@
 //
 // Work is split in (image, channel block) items: each item builds the integral image of its channels once, in
 // (y, x, channel) order so every read-out is a contiguous run of channels, and serves all RoIs of that image.
+// Geometry and the thin-bin path use the shared per-element math of prroi_pool_math.h in float64.
+//
+// Also here: the "direct" implementation (ops _prroi_pool_direct and _prroi_pool_direct_backward): the CUDA
+// kernels' element bodies (prroi_pool_math.h) run in plain loops, in the CUDA kernels' dtypes (half, bfloat16, float
+// accumulate in float; double in double), so CPU tests check the math the GPU runs. Slower than the default.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -21,14 +28,16 @@
 #include <memory>
 #include <vector>
 
+#include "prroi_pool/prroi_pool_math.h"
+
 namespace {
 
-// kThin: a bin side below kThinSide cells. The corner formula's rounding error is ~eps64 * |P| / bin area, which
-// would swamp such bins (|P| is a sum over the whole image), so they take the direct path: the exact sum over the
-// few cells they touch, with hat integrals taken over in-cell offsets (relative error ~eps64 at any bin size).
+namespace pm = iouctl::prroi;
+
+// Thin bins (a side below pm::kThinSide = 1/64 cell): the corner formula's rounding error is ~eps64 * |P| / bin
+// area, which would swamp such bins (|P| is a sum over the whole image), so they take the direct path: the exact sum
+// over the few cells they touch (pm::bin_integral in float64; relative error ~eps64 at any bin size).
 // Above the cut the corner formula errs by < 1e-16 * sum|x| * 64^2, i.e. < 1e-7 of the output for maps up to ~1M cells.
-constexpr int8_t kNormal = 0, kEmpty = 1, kNaN = 2, kThin = 3;
-constexpr double kThinSide = 1.0 / 64;
 
 // One bin edge along one axis: where it reads the integral image and with which weights.
 struct Line {
@@ -55,14 +64,20 @@ Line make_line(double x, int64_t size) {
 
 struct Geometry {
   int64_t K = 0, PH = 0, PW = 0;
-  std::vector<int64_t> batch;
-  std::vector<int8_t> status;
-  std::vector<double> w, h, area, x1, y1, x2, y2;
-  std::vector<Line> xs, ys;              // [K, PW + 1], [K, PH + 1]
+  std::vector<pm::RoiGeom> geo;          // [K]; status kNormal / kEmpty / kNaN (a bad batch index raises)
+  std::vector<Line> xs, ys;              // [K, PW + 1], [K, PH + 1] (normal, not thin RoIs)
   std::vector<std::vector<int64_t>> of;  // RoI indices per image
   const Line* xline(int64_t k) const { return xs.data() + k * (PW + 1); }
   const Line* yline(int64_t k) const { return ys.data() + k * (PH + 1); }
+  bool fast(int64_t k) const { return geo[k].status == pm::kNormal && !geo[k].thin; }
+  bool thin(int64_t k) const { return geo[k].status == pm::kNormal && geo[k].thin; }
 };
+
+// Raises the error of a batch index that is not an integer in [0, N) (the CUDA kernels raise the same).
+void check_batch_index(const pm::RoiGeom& g, const double* roi, int64_t k, int64_t N) {
+  TORCH_CHECK_VALUE(g.status != pm::kBadBatch, "prroi_pool: rois[", k, ", 0] (batch index) is ", roi[0],
+                    "; it must be an integer in [0, ", N, ") for an input batch of ", N);
+}
 
 Geometry make_geometry(const at::Tensor& rois, int64_t N, int64_t H, int64_t W, int64_t PH, int64_t PW,
                        double scale) {
@@ -73,58 +88,23 @@ Geometry make_geometry(const at::Tensor& rois, int64_t N, int64_t H, int64_t W, 
   g.K = K;
   g.PH = PH;
   g.PW = PW;
-  g.batch.resize(K);
-  g.status.resize(K);
-  g.w.resize(K);
-  g.h.resize(K);
-  g.area.resize(K);
-  g.x1.resize(K);
-  g.y1.resize(K);
-  g.x2.resize(K);
-  g.y2.resize(K);
+  g.geo.resize(K);
   g.xs.resize(K * (PW + 1));
   g.ys.resize(K * (PH + 1));
   g.of.resize(N);
   for (int64_t k = 0; k < K; ++k) {
-    const double b = rp[k * 5];
-    TORCH_CHECK_VALUE(std::isfinite(b) && b == std::floor(b) && b >= 0 && b < static_cast<double>(N),
-                      "prroi_pool: rois[", k, ", 0] (batch index) is ", b, "; it must be an integer in [0, ", N,
-                      ") for an input batch of ", N);
-    g.batch[k] = static_cast<int64_t>(b);
-    g.of[g.batch[k]].push_back(k);
+    g.geo[k] = pm::roi_geometry(rp + k * 5, N, PH, PW, scale);
+    check_batch_index(g.geo[k], rp + k * 5, k, N);
+    g.of[g.geo[k].n].push_back(k);
   }
   at::parallel_for(0, K, 256, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      const double x1 = rp[k * 5 + 1] * scale, y1 = rp[k * 5 + 2] * scale;
-      const double x2 = rp[k * 5 + 3] * scale, y2 = rp[k * 5 + 4] * scale;
-      const double w = x2 - x1, h = y2 - y1;
-      g.w[k] = w;
-      g.h[k] = h;
-      g.area[k] = 0;
-      if (std::isnan(w) || std::isnan(h)) {
-        g.status[k] = kNaN;
-        continue;
-      }
-      // Width/height clamp at 0 (empty bins give 0); an infinite bin averages a finite integral to 0.
-      const double bw = w / PW, bh = h / PH, area = bw * bh;
-      if (!(w > 0 && h > 0) || !std::isfinite(area) || !(area > 0)) {
-        g.status[k] = kEmpty;
-        continue;
-      }
-      g.area[k] = area;
-      g.x1[k] = x1;
-      g.y1[k] = y1;
-      g.x2[k] = x2;
-      g.y2[k] = y2;
-      if (bw < kThinSide || bh < kThinSide) {
-        g.status[k] = kThin;
-        continue;
-      }
-      g.status[k] = kNormal;
+      if (!g.fast(k)) continue;
+      const pm::RoiGeom& e = g.geo[k];
       Line* xl = g.xs.data() + k * (PW + 1);
       Line* yl = g.ys.data() + k * (PH + 1);
-      for (int64_t q = 0; q <= PW; ++q) xl[q] = make_line(q == PW ? x2 : x1 + q * bw, W);
-      for (int64_t p = 0; p <= PH; ++p) yl[p] = make_line(p == PH ? y2 : y1 + p * bh, H);
+      for (int64_t q = 0; q <= PW; ++q) xl[q] = make_line(pm::bin_edge(e.x1, e.x2, e.bw, q, PW), W);
+      for (int64_t p = 0; p <= PH; ++p) yl[p] = make_line(pm::bin_edge(e.y1, e.y2, e.bh, p, PH), H);
     }
   });
   return g;
@@ -149,106 +129,18 @@ int64_t grain(int64_t items, int64_t N, int64_t C, int64_t H, int64_t W, int64_t
   return work < 2e5 ? std::max<int64_t>(items, 1) : 1;
 }
 
-// ---- direct path (thin bins): exact sums over the touched cells, as the CUDA kernel does ----
-
-// Bin edges along one axis clamped to [-1, size] (f is 0 beyond), as cells [first, last] plus the edges' offsets
-// from cell `origin`: small numbers, so the hat integrals below never subtract two large coordinates.
-struct Span {
-  int64_t first, last, origin;
-  double lo, hi;
-};
-
-Span make_span(double e1, double e2, int64_t size) {
-  e1 = std::min(std::max(e1, -1.0), static_cast<double>(size));
-  e2 = std::min(std::max(e2, -1.0), static_cast<double>(size));
-  const double o = std::floor(e1);
-  Span s;
-  s.origin = static_cast<int64_t>(o);
-  s.first = std::max<int64_t>(s.origin, 0);
-  s.last = std::min<int64_t>(static_cast<int64_t>(std::ceil(e2)), size - 1);
-  s.lo = e1 - o;
-  s.hi = e2 - o;
-  return s;
-}
-
-// Integral of max(0, 1 - |t|) over [a, b], piece by piece (no difference of two antiderivative values).
-double hat_integral(double a, double b) {
-  double v = 0;
-  double lo = std::max(a, -1.0), hi = std::min(b, 0.0);
-  if (hi > lo) v += (hi - lo) * (1 + 0.5 * (hi + lo));
-  lo = std::max(a, 0.0);
-  hi = std::min(b, 1.0);
-  if (hi > lo) v += (hi - lo) * (1 - 0.5 * (hi + lo));
-  return v;
-}
-
-double weight(const Span& s, int64_t i) {
-  const double d = static_cast<double>(i - s.origin);
-  return hat_integral(s.lo - d, s.hi - d);
-}
-
-// edge t of `bins` equal bins from lo to hi (the last edge is hi itself, as in make_geometry)
-double edge(double lo, double hi, double step, int64_t t, int64_t bins) {
-  return t == bins ? hi : lo + static_cast<double>(t) * step;
-}
-
+// The bins of a thin RoI along both axes, in float64.
 struct ThinBins {
-  std::vector<Span> xs, ys;            // [PW], [PH]
-  std::vector<double> ex, ey;          // edges [PW + 1], [PH + 1]
-  std::vector<std::vector<double>> wx;  // per column bin: weights of cells first..last
-  ThinBins(const Geometry& g, int64_t k, int64_t H, int64_t W) {
-    const int64_t PH = g.PH, PW = g.PW;
-    const double bw = g.w[k] / PW, bh = g.h[k] / PH;
-    for (int64_t q = 0; q <= PW; ++q) ex.push_back(edge(g.x1[k], g.x2[k], bw, q, PW));
-    for (int64_t p = 0; p <= PH; ++p) ey.push_back(edge(g.y1[k], g.y2[k], bh, p, PH));
-    for (int64_t q = 0; q < PW; ++q) {
-      xs.push_back(make_span(ex[q], ex[q + 1], W));
-      std::vector<double> w;
-      for (int64_t i = xs.back().first; i <= xs.back().last; ++i) w.push_back(weight(xs.back(), i));
-      wx.push_back(std::move(w));
-    }
-    for (int64_t p = 0; p < PH; ++p) ys.push_back(make_span(ey[p], ey[p + 1], H));
+  std::vector<pm::BinAxis<double>> xs, ys;  // [PW], [PH]
+  ThinBins(const pm::RoiGeom& e, int64_t PH, int64_t PW, int64_t H, int64_t W) {
+    for (int64_t q = 0; q < PW; ++q) xs.push_back(pm::bin_axis<double>(e.x1, e.x2, e.bw, q, PW, W));
+    for (int64_t p = 0; p < PH; ++p) ys.push_back(pm::bin_axis<double>(e.y1, e.y2, e.bh, p, PH, H));
   }
 };
 
 struct Strides {
   int64_t n, c, h, w;
 };
-
-// Exact integral of f over thin bin (p, q) of channel plane `plane` (strides s.h, s.w).
-template <typename scalar_t>
-double thin_bin_integral(const scalar_t* plane, Strides s, const ThinBins& tb, int64_t p, int64_t q) {
-  const Span& sy = tb.ys[p];
-  const Span& sx = tb.xs[q];
-  const std::vector<double>& wx = tb.wx[q];
-  double sum = 0;
-  for (int64_t j = sy.first; j <= sy.last; ++j) {
-    const double wy = weight(sy, j);
-    if (wy == 0) continue;
-    double row = 0;
-    for (int64_t i = sx.first; i <= sx.last; ++i)
-      row += wx[i - sx.first] * static_cast<double>(plane[j * s.h + i * s.w]);
-    sum += wy * row;
-  }
-  return sum;
-}
-
-// Integral of f along the line at coordinate e of one axis, over the cells of span sp on the other axis:
-// d(bin integral) / d(edge e). `along` strides the span's axis, `across` the axis of e, whose size is `size`.
-template <typename scalar_t>
-double line(const scalar_t* plane, int64_t along, int64_t across, const Span& sp, double e, int64_t size) {
-  e = std::min(std::max(e, -1.0), static_cast<double>(size));  // f = 0 at and beyond -1 and size
-  const double o = std::floor(e), t = e - o;
-  const int64_t i0 = static_cast<int64_t>(o);
-  double sum = 0;
-  for (int64_t k = sp.first; k <= sp.last; ++k) {
-    double v = 0;
-    if (i0 >= 0 && i0 < size) v += (1 - t) * static_cast<double>(plane[k * along + i0 * across]);
-    if (i0 + 1 >= 0 && i0 + 1 < size) v += t * static_cast<double>(plane[k * along + (i0 + 1) * across]);
-    sum += weight(sp, k) * v;
-  }
-  return sum;
-}
 
 // P for channels [c0, c0 + cb) of image n into P[(H+1) * (W+1) * cb], layout (Y, X, channel).
 template <typename scalar_t>
@@ -272,6 +164,66 @@ void integral_image(const scalar_t* in, Strides s, int64_t n, int64_t c0, int64_
       for (int64_t c = 0; c < cb; ++c) {
         acc[c] += static_cast<double>(src[c * s.c]);
         d[c] = acc[c] + up[c];
+      }
+    }
+  }
+}
+
+// ---- thin RoIs: summed directly in float64, out of line so the prefix-sum loops stay small ----
+
+// Outputs of thin RoI `e` for channels [0, cb) of `in` (its first channel plane; strides s) into out[cb, PH, PW].
+template <typename scalar_t>
+__attribute__((noinline)) void thin_forward(const pm::RoiGeom& e, int64_t PH, int64_t PW, int64_t H, int64_t W,
+                                            const scalar_t* in, Strides s, int64_t cb, scalar_t* out) {
+  const ThinBins tb(e, PH, PW, H, W);
+  for (int64_t c = 0; c < cb; ++c) {
+    const scalar_t* plane = in + c * s.c;
+    for (int64_t p = 0; p < PH; ++p)
+      for (int64_t q = 0; q < PW; ++q) {
+        const double v = pm::bin_integral<scalar_t, double>(plane, s.h, s.w, tb.xs[q].span, tb.ys[p].span);
+        out[(c * PH + p) * PW + q] = static_cast<scalar_t>(v / e.area);
+      }
+  }
+}
+
+// Backward of thin RoI `e` for channels [0, cb) (grad: its [cb, PH, PW] output gradient): the input gradient as
+// second differences in P space into GP[(H+1), (W+1), cb] (suffix-summed by the caller; null: not wanted), the box
+// gradient (feature-map coordinates) added to d[4] when rois_grad.
+template <typename scalar_t>
+__attribute__((noinline)) void thin_backward(const pm::RoiGeom& e, int64_t PH, int64_t PW, int64_t H, int64_t W,
+                                             const scalar_t* in, Strides s, const scalar_t* grad, int64_t cb,
+                                             double* GP, bool rois_grad, double d[4]) {
+  const ThinBins tb(e, PH, PW, H, W);
+  const double inv_area = 1.0 / e.area;
+  for (int64_t c = 0; c < cb; ++c) {
+    const scalar_t* plane = in + c * s.c;
+    for (int64_t p = 0; p < PH; ++p) {
+      for (int64_t q = 0; q < PW; ++q) {
+        const double gv = static_cast<double>(grad[(c * PH + p) * PW + q]);
+        if (gv == 0) continue;
+        const pm::Span<double>& sy = tb.ys[p].span;
+        const pm::Span<double>& sx = tb.xs[q].span;
+        if (GP != nullptr) {
+          // a unit at F[j, i] is a second difference in P space
+          const pm::XWeights<double> wx(sx);
+          for (int64_t j = sy.first; j <= sy.last; ++j) {
+            const double wy = pm::weight(sy, j) * gv * inv_area;
+            if (wy == 0) continue;
+            double* r0 = GP + j * (W + 1) * cb + c;
+            double* r1 = r0 + (W + 1) * cb;
+            for (int64_t i = sx.first; i <= sx.last; ++i) {
+              const double v = wy * wx(i);
+              r1[(i + 1) * cb] += v;
+              r1[i * cb] -= v;
+              r0[(i + 1) * cb] -= v;
+              r0[i * cb] += v;
+            }
+          }
+        }
+        if (rois_grad) {  // the shared element body, in float64 (it recomputes the bin average)
+          pm::box_grad_element<scalar_t, double>(tb.xs[q], tb.ys[p], e.area, 1.0 / e.w, 1.0 / e.h, plane, s.h, s.w,
+                                                 H, W, gv, d);
+        }
       }
     }
   }
@@ -319,18 +271,13 @@ at::Tensor prroi_pool_forward_cpu(const at::Tensor& input, const at::Tensor& roi
         integral_image(in, s, n, c0, cb, H, W, P.get());
         for (const int64_t k : g.of[n]) {
           scalar_t* ok = o + (k * C + c0) * bins;
-          if (g.status[k] == kThin) {
-            const ThinBins tb(g, k, H, W);
-            for (int64_t c = 0; c < cb; ++c) {
-              const scalar_t* plane = in + n * s.n + (c0 + c) * s.c;
-              for (int64_t p = 0; p < PH; ++p)
-                for (int64_t q = 0; q < PW; ++q)
-                  ok[c * bins + p * PW + q] = static_cast<scalar_t>(thin_bin_integral(plane, s, tb, p, q) / g.area[k]);
-            }
+          const pm::RoiGeom& e = g.geo[k];
+          if (g.thin(k)) {
+            thin_forward(e, PH, PW, H, W, in + n * s.n + c0 * s.c, s, cb, ok);
             continue;
           }
-          if (g.status[k] != kNormal) {
-            const scalar_t fill = g.status[k] == kNaN ? std::numeric_limits<scalar_t>::quiet_NaN() : scalar_t(0);
+          if (!g.fast(k)) {
+            const scalar_t fill = e.status == pm::kNaN ? std::numeric_limits<scalar_t>::quiet_NaN() : scalar_t(0);
             std::fill(ok, ok + cb * bins, fill);
             continue;
           }
@@ -355,7 +302,7 @@ at::Tensor prroi_pool_forward_cpu(const at::Tensor& input, const at::Tensor& roi
               }
             }
           }
-          const double inv_area = 1.0 / g.area[k];
+          const double inv_area = 1.0 / e.area;
           const double* Sp = S.get();
           for (int64_t c = 0; c < cb; ++c) {
             for (int64_t p = 0; p < PH; ++p) {
@@ -427,66 +374,25 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_cpu(const at::Tensor& gra
         if (rois_grad) integral_image(in, s, n, c0, cb, H, W, P.get());
         if (input_grad) std::fill(GP.get(), GP.get() + plane * cb, 0.0);
         for (const int64_t k : g.of[n]) {
-          if (g.status[k] == kNaN) {
+          const pm::RoiGeom& e = g.geo[k];
+          if (e.status == pm::kNaN) {
             if (rois_grad)
               for (int j = 0; j < 4; ++j) partial[(blk * K + k) * 4 + j] = std::numeric_limits<double>::quiet_NaN();
             continue;
           }
-          if (g.status[k] == kThin) {
-            const ThinBins tb(g, k, H, W);
-            const double inv_area = 1.0 / g.area[k], inv_w = 1.0 / g.w[k], inv_h = 1.0 / g.h[k];
+          if (g.thin(k)) {
             double d[4] = {0, 0, 0, 0};  // x1, y1, x2, y2
-            for (int64_t c = 0; c < cb; ++c) {
-              const scalar_t* plane = in + n * s.n + (c0 + c) * s.c;
-              for (int64_t p = 0; p < PH; ++p) {
-                for (int64_t q = 0; q < PW; ++q) {
-                  const double gv = static_cast<double>(go[(k * C + c0 + c) * bins + p * PW + q]);
-                  if (gv == 0) continue;
-                  const Span& sy = tb.ys[p];
-                  const Span& sx = tb.xs[q];
-                  if (input_grad) {
-                    // a unit at F[j, i] is a second difference in P space (GP is suffix-summed below)
-                    for (int64_t j = sy.first; j <= sy.last; ++j) {
-                      const double wy = weight(sy, j) * gv * inv_area;
-                      if (wy == 0) continue;
-                      double* r0 = GP.get() + j * (W + 1) * cb + c;
-                      double* r1 = r0 + (W + 1) * cb;
-                      for (int64_t i = sx.first; i <= sx.last; ++i) {
-                        const double v = wy * tb.wx[q][i - sx.first];
-                        r1[(i + 1) * cb] += v;
-                        r1[i * cb] -= v;
-                        r0[(i + 1) * cb] -= v;
-                        r0[i * cb] += v;
-                      }
-                    }
-                  }
-                  if (rois_grad) {
-                    // as the CUDA kernel; the bin average is recomputed in float64 because the saved (possibly
-                    // float32) output, divided by a thin width, would swamp the gradient with its rounding
-                    const double ob = thin_bin_integral(plane, s, tb, p, q) * inv_area;
-                    const double lx1 = line(plane, s.h, s.w, sy, tb.ex[q], W);  // columns x = edge
-                    const double lx2 = line(plane, s.h, s.w, sy, tb.ex[q + 1], W);
-                    const double ly1 = line(plane, s.w, s.h, sx, tb.ey[p], H);  // rows y = edge
-                    const double ly2 = line(plane, s.w, s.h, sx, tb.ey[p + 1], H);
-                    const double fq0 = static_cast<double>(q) / PW, fq1 = static_cast<double>(q + 1) / PW;
-                    const double fp0 = static_cast<double>(p) / PH, fp1 = static_cast<double>(p + 1) / PH;
-                    d[0] += gv * ((lx2 * (1 - fq1) - lx1 * (1 - fq0)) * inv_area + ob * inv_w);
-                    d[2] += gv * ((lx2 * fq1 - lx1 * fq0) * inv_area - ob * inv_w);
-                    d[1] += gv * ((ly2 * (1 - fp1) - ly1 * (1 - fp0)) * inv_area + ob * inv_h);
-                    d[3] += gv * ((ly2 * fp1 - ly1 * fp0) * inv_area - ob * inv_h);
-                  }
-                }
-              }
-            }
+            thin_backward(e, PH, PW, H, W, in + n * s.n + c0 * s.c, s, go + (k * C + c0) * bins, cb,
+                          input_grad ? GP.get() : nullptr, rois_grad, d);
             if (rois_grad)
               for (int j = 0; j < 4; ++j) partial[(blk * K + k) * 4 + j] = d[j];
             continue;
           }
-          if (g.status[k] != kNormal) continue;
+          if (!g.fast(k)) continue;
           // dL/dS at every bin corner: +-dL/dout / area over the (up to 4) bins sharing the corner
           double* gsp = GS.get();
           std::fill(gsp, gsp + grid * cb, 0.0);
-          const double inv_area = 1.0 / g.area[k];
+          const double inv_area = 1.0 / e.area;
           double dot_out = 0;  // sum over bins and channels of dL/dout * out: the area term of the box gradient
           const scalar_t* gk = go + (k * C + c0) * bins;
           const scalar_t* ok = out + (k * C + c0) * bins;
@@ -543,10 +449,10 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_cpu(const at::Tensor& gra
           if (rois_grad) {
             // out = integral / (w h / (PH PW)): d out / d w = -out / w
             double* pr = partial.data() + (blk * K + k) * 4;
-            pr[0] = dx1 + dot_out / g.w[k];
-            pr[1] = dy1 + dot_out / g.h[k];
-            pr[2] = dx2 - dot_out / g.w[k];
-            pr[3] = dy2 - dot_out / g.h[k];
+            pr[0] = dx1 + dot_out / e.w;
+            pr[1] = dy1 + dot_out / e.h;
+            pr[2] = dx2 - dot_out / e.w;
+            pr[3] = dy2 - dot_out / e.h;
           }
         }
         if (input_grad) {
@@ -590,9 +496,149 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_cpu(const at::Tensor& gra
   return {grad_input, grad_rois};
 }
 
+// ---- the direct implementation: the CUDA kernels' element bodies in plain loops ----
+
+void check_direct(const at::Tensor& input, const at::Tensor& rois, int64_t PH, int64_t PW, double scale) {
+  TORCH_CHECK_VALUE(input.dim() == 4, "prroi_pool: input must be [N, C, H, W]; got shape ", input.sizes());
+  TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5,
+                    "prroi_pool: rois must be [K, 5] (batch index, x1, y1, x2, y2); got shape ", rois.sizes());
+  TORCH_CHECK_VALUE(input.device() == rois.device(), "prroi_pool: input is on ", input.device(), " but rois on ",
+                    rois.device());
+  TORCH_CHECK_VALUE(PH > 0 && PW > 0, "prroi_pool: output size must be positive; got (", PH, ", ", PW, ")");
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "prroi_pool: spatial_scale must be finite and > 0; got ",
+                    scale);
+  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()) && at::isFloatingType(rois.scalar_type()),
+                    "prroi_pool: input and rois must be floating point; got ", input.scalar_type(), " and ",
+                    rois.scalar_type());
+}
+
+// What the CUDA geometry kernel computes, one RoI at a time (pm::roi_tables), plus the RoIs of each image.
+template <typename acc_t>
+struct DirectTables {
+  std::vector<pm::RoiGeom> geo;
+  std::vector<pm::RoiInfo<acc_t>> info;
+  std::vector<pm::BinAxis<acc_t>> xs, ys;  // [K, PW], [K, PH]
+  std::vector<std::vector<int64_t>> of;
+  DirectTables(const at::Tensor& rois, int64_t N, int64_t H, int64_t W, int64_t PH, int64_t PW, double scale) {
+    const at::Tensor r = rois.to(at::kDouble).contiguous();
+    const double* rp = r.const_data_ptr<double>();
+    const int64_t K = r.size(0);
+    geo.resize(K);
+    info.resize(K);
+    xs.resize(K * PW);
+    ys.resize(K * PH);
+    of.resize(N);
+    for (int64_t k = 0; k < K; ++k) {
+      pm::roi_tables<acc_t>(rp + k * 5, N, H, W, PH, PW, scale, &geo[k], &info[k], &xs[k * PW], &ys[k * PH]);
+      check_batch_index(geo[k], rp + k * 5, k, N);
+      of[geo[k].n].push_back(k);
+    }
+  }
+};
+
+at::Tensor prroi_pool_direct_forward_cpu(const at::Tensor& input_, const at::Tensor& rois, int64_t PH, int64_t PW,
+                                         double scale) {
+  check_direct(input_, rois, PH, PW, scale);
+  const at::Tensor input = input_.contiguous();  // as the CUDA kernel reads it
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = rois.size(0);
+  at::Tensor out = at::empty({K, C, PH, PW}, input.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "prroi_pool_direct_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const DirectTables<acc_t> t(rois, N, H, W, PH, PW, scale);
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, out.numel(), 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {  // the CUDA forward's grid-stride loop body
+        const int64_t q = idx % PW, p = (idx / PW) % PH, c = (idx / (PW * PH)) % C, k = idx / (PW * PH * C);
+        const pm::RoiInfo<acc_t>& r = t.info[k];
+        o[idx] = pm::forward_element<scalar_t, acc_t>(r, t.xs[k * PW + q], t.ys[k * PH + p],
+                                                      in + (r.n * C + c) * H * W, W, 1);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> prroi_pool_direct_backward_cpu(const at::Tensor& grad_, const at::Tensor& input_,
+                                                                  const at::Tensor& rois, const at::Tensor& output,
+                                                                  int64_t PH, int64_t PW, double scale,
+                                                                  bool input_grad, bool rois_grad) {
+  check_direct(input_, rois, PH, PW, scale);
+  const int64_t N = input_.size(0), C = input_.size(1), H = input_.size(2), W = input_.size(3), K = rois.size(0);
+  TORCH_CHECK_VALUE(grad_.sizes() == at::IntArrayRef({K, C, PH, PW}) && output.sizes() == grad_.sizes(),
+                    "prroi_pool backward: grad and output must be [K, C, PH, PW] = [", K, ", ", C, ", ", PH, ", ",
+                    PW, "]; got ", grad_.sizes(), " and ", output.sizes());
+  TORCH_CHECK_VALUE(grad_.scalar_type() == input_.scalar_type() && output.scalar_type() == input_.scalar_type(),
+                    "prroi_pool backward: grad and output must have the input's dtype ", input_.scalar_type());
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor grad = grad_.contiguous();
+  at::Tensor grad_input = at::empty({0}, input.options());
+  at::Tensor grad_rois = at::empty({0}, rois.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "prroi_pool_direct_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const DirectTables<acc_t> t(rois, N, H, W, PH, PW, scale);
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    const scalar_t* go = grad.const_data_ptr<scalar_t>();
+    const int64_t bins = PH * PW;
+    if (input_grad) {
+      // accumulated in acc_t as the CUDA atomics do; each (image, channel) plane belongs to one task, so the
+      // CUDA kernel's atomic add is a plain one here (and the order is fixed)
+      at::Tensor acc = at::zeros({N, C, H, W}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      acc_t* a = acc.data_ptr<acc_t>();
+      at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t nc = begin; nc < end; ++nc) {
+          const int64_t n = nc / C, c = nc % C;
+          for (const int64_t k : t.of[n])
+            for (int64_t p = 0; p < PH; ++p)
+              for (int64_t q = 0; q < PW; ++q) {
+                const acc_t g = static_cast<acc_t>(go[(k * C + c) * bins + p * PW + q]);
+                pm::input_grad_element<acc_t>(t.info[k], t.xs[k * PW + q], t.ys[k * PH + p], g, a + nc * H * W, W, 1,
+                                              [](acc_t* dst, acc_t v) { *dst += v; });
+              }
+        }
+      });
+      grad_input = acc.scalar_type() == input.scalar_type() ? acc : acc.to(input.scalar_type());
+    }
+    if (rois_grad) {
+      at::Tensor gr = at::zeros({K, 5}, rois.options().dtype(at::kDouble));
+      double* grp = gr.data_ptr<double>();
+      at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {  // the CUDA box-gradient block of RoI k, one thread
+          const pm::RoiGeom& e = t.geo[k];
+          const pm::RoiInfo<acc_t>& r = t.info[k];
+          double d[4] = {0, 0, 0, 0};
+          if (r.status == pm::kNormal) {
+            for (int64_t c = 0; c < C; ++c) {
+              const scalar_t* plane = in + (r.n * C + c) * H * W;
+              for (int64_t p = 0; p < PH; ++p)
+                for (int64_t q = 0; q < PW; ++q) {
+                  const scalar_t gv = go[(k * C + c) * bins + p * PW + q];
+                  if (r.thin) {
+                    pm::box_grad_element_f64<scalar_t>(e, p, q, PH, PW, plane, W, 1, H, W,
+                                                       static_cast<double>(gv), d);
+                  } else {
+                    pm::box_grad_element<scalar_t, acc_t>(t.xs[k * PW + q], t.ys[k * PH + p], r.area, r.inv_w,
+                                                          r.inv_h, plane, W, 1, H, W, static_cast<acc_t>(gv), d);
+                  }
+                }
+            }
+          }
+          // the kernel works in feature-map coordinates (x * spatial_scale); an empty RoI gets 0, a NaN one NaN
+          const double fill = r.status == pm::kEmpty ? 0.0 : NAN;
+          for (int j = 0; j < 4; ++j) grp[k * 5 + 1 + j] = r.status == pm::kNormal ? d[j] * scale : fill;
+        }
+      });
+      grad_rois = gr.to(rois.scalar_type());
+    }
+  });
+  return {grad_input, grad_rois};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(iouctl, CPU, m) {
   m.impl("prroi_pool", &prroi_pool_forward_cpu);
   m.impl("_prroi_pool_backward", &prroi_pool_backward_cpu);
+  m.impl("_prroi_pool_direct", &prroi_pool_direct_forward_cpu);
+  m.impl("_prroi_pool_direct_backward", &prroi_pool_direct_backward_cpu);
 }

@@ -1,256 +1,137 @@
-// Precise RoI Pooling, CUDA kernels: one thread per output bin, exact bin integral summed over the cells the bin
-// touches (weights = integrals of the bilinear hat over the bin, in closed form), float32 accumulation for
-// half/bfloat16/float32 and float64 for float64. No prefix sums here: they would need float64 storage to avoid
-// cancellation, and the direct sum is already cheap for proposal-sized bins on a GPU.
-// Geometry (box, bin edges) is computed in float64 and handed to the accumulation as offsets within a cell, so
-// float32 never subtracts two large coordinates. Current stream and a device guard; no synchronization.
+// Precise RoI Pooling, CUDA kernels. The math is prroi_pool_math.h, shared with the CPU "direct" implementation
+// (which runs these element bodies in loops, so CPU tests cover it); this file holds what is GPU-only: launch
+// configuration, the atomics of the input gradient, the block reduction of the box gradient, streams.
+//
+// One thread per output bin: the exact bin integral summed over the cells the bin touches (weights = integrals of
+// the bilinear hat, closed form), accumulated in float32 for half/bfloat16/float32 and float64 for float64. No
+// prefix sums here: they would need float64 storage to avoid cancellation, and the direct sum is already cheap for
+// proposal-sized bins on a GPU. The per-RoI geometry is computed once, in float64, by a small kernel (one thread per
+// RoI) into tables the element kernels read; they do no float64 arithmetic (except the box gradient of RoIs with
+// bins thinner than 1/64 cell, see the header).
+// Current stream and a device guard; no synchronization, except that the forward reads one flag back to raise on a
+// bad batch index (skipped while a CUDA graph is captured). The input gradient uses atomicAdd: under
+// torch.use_deterministic_algorithms it raises (alertNotDeterministic), as torchvision's roi_align backward does.
 // Includes avoid ATen/cuda/CUDAContext.h, which needs the cuSPARSE/cuBLAS headers that minimal toolkits lack.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "prroi_pool/prroi_pool_math.h"
 
 namespace {
 
+namespace pm = iouctl::prroi;
+
 constexpr int kThreads = 256;
+static_assert(kThreads >= 32 && (kThreads & (kThreads - 1)) == 0,
+              "the box-gradient block reduction halves kThreads down to 1");
 
-// A RoI in feature-map coordinates. valid: 1 normal, 0 empty (zero/infinite area: outputs 0), -1 NaN/bad batch.
-struct RoiGeom {
-  int64_t n;
-  int valid;
-  double x1, y1, x2, y2, bw, bh, area;
-};
-
-__device__ __forceinline__ RoiGeom roi_geom(const double* r, int64_t N, int64_t PH, int64_t PW, double scale) {
-  RoiGeom g;
-  const double b = r[0];
-  g.n = 0;
-  g.valid = -1;
-  g.x1 = r[1] * scale;
-  g.y1 = r[2] * scale;
-  g.x2 = r[3] * scale;
-  g.y2 = r[4] * scale;
-  g.bw = g.bh = g.area = 0;
-  // the batch index is not checked on the host (that would synchronize): a bad one yields NaN, never a bad read
-  if (!(b >= 0 && b < static_cast<double>(N) && b == floor(b))) return g;
-  g.n = static_cast<int64_t>(b);
-  const double w = g.x2 - g.x1, h = g.y2 - g.y1;
-  if (isnan(w) || isnan(h)) return g;
-  g.bw = w / PW;
-  g.bh = h / PH;
-  g.area = g.bw * g.bh;
-  g.valid = (w > 0 && h > 0 && isfinite(g.area) && g.area > 0) ? 1 : 0;
-  return g;
-}
-
-// Bin edges along one axis, clamped to [-1, size] (f is 0 beyond, so the integral is unchanged), kept as
-// first/last touched cells plus the edges' offsets from cell `first` (small numbers, exact in float).
-template <typename acc_t>
-struct Span {
-  int64_t first, last;  // cells [first, last] ∩ [0, size) may have nonzero weight
-  int64_t origin;       // floor of the clamped low edge
-  acc_t lo, hi;         // edges minus origin
-};
-
-template <typename acc_t>
-__device__ __forceinline__ Span<acc_t> make_span(double e1, double e2, int64_t size) {
-  e1 = fmin(fmax(e1, -1.0), static_cast<double>(size));
-  e2 = fmin(fmax(e2, -1.0), static_cast<double>(size));
-  Span<acc_t> s;
-  const double o = floor(e1);
-  s.origin = static_cast<int64_t>(o);
-  s.first = s.origin < 0 ? 0 : s.origin;
-  const int64_t top = static_cast<int64_t>(ceil(e2));
-  s.last = top > size - 1 ? size - 1 : top;
-  s.lo = static_cast<acc_t>(e1 - o);
-  s.hi = static_cast<acc_t>(e2 - o);
-  return s;
-}
-
-// Integral of the hat max(0, 1 - |t|) over [a, b] (a <= b), without subtracting two antiderivative values.
-template <typename acc_t>
-__device__ __forceinline__ acc_t hat_integral(acc_t a, acc_t b) {
-  acc_t v = 0;
-  acc_t lo = a > acc_t(-1) ? a : acc_t(-1), hi = b < acc_t(0) ? b : acc_t(0);
-  if (hi > lo) v += (hi - lo) * (acc_t(1) + acc_t(0.5) * (hi + lo));
-  lo = a > acc_t(0) ? a : acc_t(0);
-  hi = b < acc_t(1) ? b : acc_t(1);
-  if (hi > lo) v += (hi - lo) * (acc_t(1) - acc_t(0.5) * (hi + lo));
-  return v;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t weight(const Span<acc_t>& s, int64_t i) {
-  const acc_t d = static_cast<acc_t>(i - s.origin);
-  return hat_integral<acc_t>(s.lo - d, s.hi - d);
-}
-
-// Column weights of a bin, computed once per thread instead of once per row (cached up to kCached columns;
-// wider bins, rare for proposals, recompute them).
-constexpr int kCached = 16;
-
-template <typename acc_t>
-struct XWeights {
-  const Span<acc_t>& s;
-  acc_t w[kCached];
-  bool cached;
-  __device__ explicit XWeights(const Span<acc_t>& span) : s(span), cached(span.last - span.first < kCached) {
-    if (cached)
-      for (int64_t i = s.first; i <= s.last; ++i) w[i - s.first] = weight(s, i);
+// atomicAdd on the device; the host branch only exists so the functor can be passed to a __host__ __device__ body.
+struct AtomicAdd {
+  template <typename T>
+  __host__ __device__ void operator()(T* dst, T v) const {
+#ifdef __CUDA_ARCH__
+    atomicAdd(dst, v);
+#else
+    *dst += v;
+#endif
   }
-  __device__ __forceinline__ acc_t operator()(int64_t i) const { return cached ? w[i - s.first] : weight(s, i); }
 };
 
-// Bin edge e of bin t (0..bins) along an axis from lo with step; the last edge is the box edge itself.
-__device__ __forceinline__ double edge(double lo, double hi, double step, int64_t t, int64_t bins) {
-  return t == bins ? hi : lo + static_cast<double>(t) * step;
+// Per-RoI geometry (pm::roi_tables); `bad` gets the smallest k whose batch index is invalid (initialized to K).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    roi_tables_kernel(const double* __restrict__ rois, int64_t K, int64_t N, int64_t H, int64_t W, int64_t PH,
+                      int64_t PW, double scale, pm::RoiGeom* __restrict__ geo, pm::RoiInfo<acc_t>* __restrict__ info,
+                      pm::BinAxis<acc_t>* __restrict__ xs, pm::BinAxis<acc_t>* __restrict__ ys,
+                      unsigned long long* __restrict__ bad) {
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < K;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    pm::roi_tables<acc_t>(rois + k * 5, N, H, W, PH, PW, scale, geo + k, info + k, xs + k * PW, ys + k * PH);
+    if (geo[k].status == pm::kBadBatch) atomicMin(bad, static_cast<unsigned long long>(k));
+  }
 }
 
-template <typename scalar_t>
-__global__ void prroi_forward_kernel(const scalar_t* __restrict__ in, const double* __restrict__ rois,
-                                     scalar_t* __restrict__ out, int64_t total, int64_t N, int64_t C, int64_t H,
-                                     int64_t W, int64_t PH, int64_t PW, double scale) {
-  using acc_t = at::opmath_type<scalar_t>;
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    prroi_forward_kernel(const scalar_t* __restrict__ in, const pm::RoiInfo<acc_t>* __restrict__ info,
+                         const pm::BinAxis<acc_t>* __restrict__ xs, const pm::BinAxis<acc_t>* __restrict__ ys,
+                         scalar_t* __restrict__ out, int64_t total, int64_t C, int64_t H, int64_t W, int64_t PH,
+                         int64_t PW) {
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t q = idx % PW, p = (idx / PW) % PH, c = (idx / (PW * PH)) % C, k = idx / (PW * PH * C);
-    const RoiGeom g = roi_geom(rois + k * 5, N, PH, PW, scale);
-    if (g.valid != 1) {
-      out[idx] = static_cast<scalar_t>(g.valid == 0 ? acc_t(0) : static_cast<acc_t>(NAN));
-      continue;
-    }
-    const Span<acc_t> sx = make_span<acc_t>(edge(g.x1, g.x2, g.bw, q, PW), edge(g.x1, g.x2, g.bw, q + 1, PW), W);
-    const Span<acc_t> sy = make_span<acc_t>(edge(g.y1, g.y2, g.bh, p, PH), edge(g.y1, g.y2, g.bh, p + 1, PH), H);
-    const scalar_t* plane = in + (g.n * C + c) * H * W;
-    const XWeights<acc_t> wx(sx);
-    acc_t sum = 0;
-    for (int64_t j = sy.first; j <= sy.last; ++j) {
-      const acc_t wy = weight(sy, j);
-      if (wy == acc_t(0)) continue;
-      acc_t row = 0;
-      for (int64_t i = sx.first; i <= sx.last; ++i) row += wx(i) * static_cast<acc_t>(plane[j * W + i]);
-      sum += wy * row;
-    }
-    out[idx] = static_cast<scalar_t>(sum / static_cast<acc_t>(g.area));
+    const pm::RoiInfo<acc_t> r = info[k];
+    out[idx] = pm::forward_element<scalar_t, acc_t>(r, xs[k * PW + q], ys[k * PH + p], in + (r.n * C + c) * H * W,
+                                                    W, 1);
   }
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void prroi_backward_input_kernel(const scalar_t* __restrict__ grad, const double* __restrict__ rois,
-                                            acc_t* __restrict__ grad_in, int64_t total, int64_t N, int64_t C,
-                                            int64_t H, int64_t W, int64_t PH, int64_t PW, double scale) {
+__global__ void __launch_bounds__(kThreads)
+    prroi_backward_input_kernel(const scalar_t* __restrict__ grad, const pm::RoiInfo<acc_t>* __restrict__ info,
+                                const pm::BinAxis<acc_t>* __restrict__ xs, const pm::BinAxis<acc_t>* __restrict__ ys,
+                                acc_t* __restrict__ grad_in, int64_t total, int64_t C, int64_t H, int64_t W,
+                                int64_t PH, int64_t PW) {
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t q = idx % PW, p = (idx / PW) % PH, c = (idx / (PW * PH)) % C, k = idx / (PW * PH * C);
-    const RoiGeom g = roi_geom(rois + k * 5, N, PH, PW, scale);
-    if (g.valid != 1) continue;
-    const acc_t gv = static_cast<acc_t>(grad[idx]) / static_cast<acc_t>(g.area);
-    if (gv == acc_t(0)) continue;
-    const Span<acc_t> sx = make_span<acc_t>(edge(g.x1, g.x2, g.bw, q, PW), edge(g.x1, g.x2, g.bw, q + 1, PW), W);
-    const Span<acc_t> sy = make_span<acc_t>(edge(g.y1, g.y2, g.bh, p, PH), edge(g.y1, g.y2, g.bh, p + 1, PH), H);
-    acc_t* plane = grad_in + (g.n * C + c) * H * W;
-    const XWeights<acc_t> wx(sx);
-    for (int64_t j = sy.first; j <= sy.last; ++j) {
-      const acc_t wy = weight(sy, j) * gv;
-      if (wy == acc_t(0)) continue;
-      for (int64_t i = sx.first; i <= sx.last; ++i) {
-        const acc_t v = wy * wx(i);
-        if (v != acc_t(0)) atomicAdd(plane + j * W + i, v);
-      }
-    }
+    const pm::RoiInfo<acc_t> r = info[k];
+    pm::input_grad_element<acc_t>(r, xs[k * PW + q], ys[k * PH + p], static_cast<acc_t>(grad[idx]),
+                                  grad_in + (r.n * C + c) * H * W, W, 1, AtomicAdd{});
   }
 }
 
-// Integral of f along y over the bin's rows (span sy) at the vertical line x = e: d(bin integral)/d(edge e).
+// One block per RoI: each thread sums the box gradient over some (channel, bin)s in float64, then a block reduction
+// writes the RoI's row (deterministic, no atomics).
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t line_x(const scalar_t* plane, const Span<acc_t>& sy, double e, int64_t W) {
-  e = fmin(fmax(e, -1.0), static_cast<double>(W));  // f(e, .) = 0 at and beyond -1 and W
-  const double o = floor(e);
-  const int64_t i0 = static_cast<int64_t>(o);
-  const acc_t t = static_cast<acc_t>(e - o);  // hat weights: (1 - t) on column i0, t on column i0 + 1
-  acc_t sum = 0;
-  for (int64_t j = sy.first; j <= sy.last; ++j) {
-    const acc_t wy = weight(sy, j);
-    acc_t v = 0;
-    if (i0 >= 0 && i0 < W) v += (acc_t(1) - t) * static_cast<acc_t>(plane[j * W + i0]);
-    if (i0 + 1 >= 0 && i0 + 1 < W) v += t * static_cast<acc_t>(plane[j * W + i0 + 1]);
-    sum += wy * v;
-  }
-  return sum;
-}
-
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t line_y(const scalar_t* plane, const Span<acc_t>& sx, double e, int64_t H,
-                                        int64_t W) {
-  e = fmin(fmax(e, -1.0), static_cast<double>(H));
-  const double o = floor(e);
-  const int64_t j0 = static_cast<int64_t>(o);
-  const acc_t t = static_cast<acc_t>(e - o);
-  acc_t sum = 0;
-  for (int64_t i = sx.first; i <= sx.last; ++i) {
-    const acc_t wx = weight(sx, i);
-    acc_t v = 0;
-    if (j0 >= 0 && j0 < H) v += (acc_t(1) - t) * static_cast<acc_t>(plane[j0 * W + i]);
-    if (j0 + 1 >= 0 && j0 + 1 < H) v += t * static_cast<acc_t>(plane[(j0 + 1) * W + i]);
-    sum += wx * v;
-  }
-  return sum;
-}
-
-// One block per RoI: each thread sums the box-coordinate gradient over some (channel, bin)s, then a block
-// reduction writes the RoI's row (deterministic, no atomics).
-template <typename scalar_t>
-__global__ void prroi_backward_rois_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ in,
-                                           const scalar_t* __restrict__ out, const double* __restrict__ rois,
-                                           double* __restrict__ grad_rois, int64_t N, int64_t C, int64_t H,
-                                           int64_t W, int64_t PH, int64_t PW, double scale) {
-  using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t red[4][kThreads];
+__global__ void __launch_bounds__(kThreads)
+    prroi_backward_rois_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ in,
+                               const pm::RoiGeom* __restrict__ geo, const pm::RoiInfo<acc_t>* __restrict__ info,
+                               const pm::BinAxis<acc_t>* __restrict__ xs, const pm::BinAxis<acc_t>* __restrict__ ys,
+                               double* __restrict__ grad_rois, int64_t C, int64_t H, int64_t W, int64_t PH,
+                               int64_t PW, double scale) {
+  __shared__ double red[4][kThreads];
   const int64_t k = blockIdx.x;
-  const RoiGeom g = roi_geom(rois + k * 5, N, PH, PW, scale);
-  if (g.valid != 1) {  // uniform over the block: no thread reaches the __syncthreads below
-    if (threadIdx.x < 4) grad_rois[k * 5 + 1 + threadIdx.x] = g.valid == 0 ? 0.0 : static_cast<double>(NAN);
+  const int t = threadIdx.x;
+  const pm::RoiInfo<acc_t> r = info[k];
+  if (r.status != pm::kNormal) {  // uniform over the block: no thread reaches the __syncthreads below
+    if (t < 4) grad_rois[k * 5 + 1 + t] = r.status == pm::kEmpty ? 0.0 : static_cast<double>(NAN);
     return;
   }
-  const acc_t inv_area = acc_t(1) / static_cast<acc_t>(g.area);
-  const acc_t inv_w = acc_t(1) / static_cast<acc_t>(g.x2 - g.x1), inv_h = acc_t(1) / static_cast<acc_t>(g.y2 - g.y1);
-  acc_t d[4] = {0, 0, 0, 0};  // x1, y1, x2, y2
+  double d[4] = {0, 0, 0, 0};  // x1, y1, x2, y2
   const int64_t per_roi = C * PH * PW;
-  for (int64_t r = threadIdx.x; r < per_roi; r += blockDim.x) {
-    const int64_t q = r % PW, p = (r / PW) % PH, c = r / (PW * PH);
-    const int64_t idx = k * per_roi + r;
-    const acc_t gv = static_cast<acc_t>(grad[idx]);
-    if (gv == acc_t(0)) continue;
-    const double ex1 = edge(g.x1, g.x2, g.bw, q, PW), ex2 = edge(g.x1, g.x2, g.bw, q + 1, PW);
-    const double ey1 = edge(g.y1, g.y2, g.bh, p, PH), ey2 = edge(g.y1, g.y2, g.bh, p + 1, PH);
-    const Span<acc_t> sx = make_span<acc_t>(ex1, ex2, W);
-    const Span<acc_t> sy = make_span<acc_t>(ey1, ey2, H);
-    const scalar_t* plane = in + (g.n * C + c) * H * W;
-    const acc_t lx1 = line_x(plane, sy, ex1, W), lx2 = line_x(plane, sy, ex2, W);
-    const acc_t ly1 = line_y(plane, sx, ey1, H, W), ly2 = line_y(plane, sx, ey2, H, W);
-    const acc_t o = static_cast<acc_t>(out[idx]);
-    // edge q sits at x1 + q/PW (x2 - x1); out = integral / (w h / (PH PW)) so d out / d w = -out / w
-    const acc_t fq0 = static_cast<acc_t>(q) / PW, fq1 = static_cast<acc_t>(q + 1) / PW;
-    const acc_t fp0 = static_cast<acc_t>(p) / PH, fp1 = static_cast<acc_t>(p + 1) / PH;
-    d[0] += gv * ((lx2 * (acc_t(1) - fq1) - lx1 * (acc_t(1) - fq0)) * inv_area + o * inv_w);
-    d[2] += gv * ((lx2 * fq1 - lx1 * fq0) * inv_area - o * inv_w);
-    d[1] += gv * ((ly2 * (acc_t(1) - fp1) - ly1 * (acc_t(1) - fp0)) * inv_area + o * inv_h);
-    d[3] += gv * ((ly2 * fp1 - ly1 * fp0) * inv_area - o * inv_h);
+  for (int64_t e = t; e < per_roi; e += kThreads) {
+    const int64_t q = e % PW, p = (e / PW) % PH, c = e / (PW * PH);
+    const scalar_t gv = grad[k * per_roi + e];
+    const scalar_t* plane = in + (r.n * C + c) * H * W;
+    if (r.thin) {  // per RoI, so uniform over the block
+      pm::box_grad_element_f64<scalar_t>(geo[k], p, q, PH, PW, plane, W, 1, H, W, static_cast<double>(gv), d);
+    } else {
+      pm::box_grad_element<scalar_t, acc_t>(xs[k * PW + q], ys[k * PH + p], r.area, r.inv_w, r.inv_h, plane, W, 1,
+                                            H, W, static_cast<acc_t>(gv), d);
+    }
   }
-  for (int j = 0; j < 4; ++j) red[j][threadIdx.x] = d[j];
+  for (int j = 0; j < 4; ++j) red[j][t] = d[j];
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s)
-      for (int j = 0; j < 4; ++j) red[j][threadIdx.x] += red[j][threadIdx.x + s];
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (t < s)
+      for (int j = 0; j < 4; ++j) red[j][t] += red[j][t + s];
     __syncthreads();
   }
-  if (threadIdx.x < 4) grad_rois[k * 5 + 1 + threadIdx.x] = static_cast<double>(red[threadIdx.x][0]) * scale;
+  // the kernel works in feature-map coordinates (x * spatial_scale)
+  if (t < 4) grad_rois[k * 5 + 1 + t] = red[t][0] * scale;
 }
 
 void check_cuda(const at::Tensor& input, const at::Tensor& rois, int64_t PH, int64_t PW, double scale) {
@@ -275,6 +156,49 @@ int64_t blocks_for(int64_t total) {
   return std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, cap));
 }
 
+// The per-RoI tables in one device allocation, filled by roi_tables_kernel on the current stream.
+template <typename acc_t>
+struct Tables {
+  at::Tensor storage, bad;
+  pm::RoiGeom* geo = nullptr;
+  pm::RoiInfo<acc_t>* info = nullptr;
+  pm::BinAxis<acc_t>* xs = nullptr;
+  pm::BinAxis<acc_t>* ys = nullptr;
+
+  Tables(const at::Tensor& rois, int64_t N, int64_t H, int64_t W, int64_t PH, int64_t PW, double scale,
+         cudaStream_t stream) {
+    const int64_t K = rois.size(0);
+    auto aligned = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
+    const int64_t g_bytes = aligned(K * static_cast<int64_t>(sizeof(pm::RoiGeom)));
+    const int64_t i_bytes = aligned(K * static_cast<int64_t>(sizeof(pm::RoiInfo<acc_t>)));
+    const int64_t x_bytes = aligned(K * PW * static_cast<int64_t>(sizeof(pm::BinAxis<acc_t>)));
+    const int64_t y_bytes = aligned(K * PH * static_cast<int64_t>(sizeof(pm::BinAxis<acc_t>)));
+    storage = at::empty({std::max<int64_t>(g_bytes + i_bytes + x_bytes + y_bytes, 1)},
+                        rois.options().dtype(at::kByte));
+    uint8_t* base = storage.data_ptr<uint8_t>();
+    geo = reinterpret_cast<pm::RoiGeom*>(base);
+    info = reinterpret_cast<pm::RoiInfo<acc_t>*>(base + g_bytes);
+    xs = reinterpret_cast<pm::BinAxis<acc_t>*>(base + g_bytes + i_bytes);
+    ys = reinterpret_cast<pm::BinAxis<acc_t>*>(base + g_bytes + i_bytes + x_bytes);
+    bad = at::full({1}, K, rois.options().dtype(at::kLong));
+    if (K == 0) return;
+    roi_tables_kernel<acc_t><<<blocks_for(K), kThreads, 0, stream>>>(
+        rois.const_data_ptr<double>(), K, N, H, W, PH, PW, scale, geo, info, xs, ys,
+        reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // Raises the CPU kernel's error for a bad batch index: one read-back of `bad` (none while a graph is captured,
+  // where the RoI's outputs are NaN instead).
+  void check_batch_indices(const at::Tensor& rois, int64_t N) const {
+    if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
+    const int64_t k = bad.item<int64_t>();
+    if (k >= rois.size(0)) return;
+    TORCH_CHECK_VALUE(false, "prroi_pool: rois[", k, ", 0] (batch index) is ", rois[k][0].item<double>(),
+                      "; it must be an integer in [0, ", N, ") for an input batch of ", N);
+  }
+};
+
 at::Tensor prroi_pool_forward_cuda(const at::Tensor& input_, const at::Tensor& rois_, int64_t PH, int64_t PW,
                                    double scale) {
   check_cuda(input_, rois_, PH, PW, scale);
@@ -283,12 +207,15 @@ at::Tensor prroi_pool_forward_cuda(const at::Tensor& input_, const at::Tensor& r
   const at::Tensor rois = rois_.to(at::kDouble).contiguous();
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = rois.size(0);
   at::Tensor out = at::empty({K, C, PH, PW}, input.options().memory_format(at::MemoryFormat::Contiguous));
-  const int64_t total = out.numel();
-  if (total == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "prroi_pool_forward_cuda", [&] {
-    prroi_forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        input.const_data_ptr<scalar_t>(), rois.const_data_ptr<double>(), out.data_ptr<scalar_t>(), total, N, C, H,
-        W, PH, PW, scale);
+    using acc_t = at::opmath_type<scalar_t>;
+    const Tables<acc_t> t(rois, N, H, W, PH, PW, scale, stream);
+    t.check_batch_indices(rois, N);
+    const int64_t total = out.numel();
+    if (total == 0) return;
+    prroi_forward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        input.const_data_ptr<scalar_t>(), t.info, t.xs, t.ys, out.data_ptr<scalar_t>(), total, C, H, W, PH, PW);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -306,23 +233,23 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_cuda(const at::Tensor& gr
                     PW, "]; got ", grad_.sizes(), " and ", output_.sizes());
   TORCH_CHECK_VALUE(grad_.scalar_type() == input_.scalar_type() && output_.scalar_type() == input_.scalar_type(),
                     "prroi_pool backward: grad and output must have the input's dtype ", input_.scalar_type());
+  if (input_grad) at::globalContext().alertNotDeterministic("prroi_pool_backward_cuda (input gradient, atomicAdd)");
   const at::Tensor input = input_.contiguous();
   const at::Tensor rois = rois_.to(at::kDouble).contiguous();
   const at::Tensor grad = grad_.contiguous();
-  const at::Tensor output = output_.contiguous();
   at::Tensor grad_input = at::empty({0}, input.options());
   at::Tensor grad_rois = at::empty({0}, rois_.options());
   const int64_t total = grad.numel();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "prroi_pool_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const Tables<acc_t> t(rois, N, H, W, PH, PW, scale, stream);  // the forward already checked batch indices
     if (input_grad) {
       // atomics accumulate in acc_t (float for half/bfloat16), converted once at the end
       at::Tensor acc = at::zeros({N, C, H, W}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
       if (total > 0) {
         prroi_backward_input_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
-            grad.const_data_ptr<scalar_t>(), rois.const_data_ptr<double>(), acc.data_ptr<acc_t>(), total, N, C, H,
-            W, PH, PW, scale);
+            grad.const_data_ptr<scalar_t>(), t.info, t.xs, t.ys, acc.data_ptr<acc_t>(), total, C, H, W, PH, PW);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       grad_input = acc.scalar_type() == input.scalar_type() ? acc : acc.to(input.scalar_type());
@@ -330,9 +257,9 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_cuda(const at::Tensor& gr
     if (rois_grad) {
       at::Tensor gr = at::zeros({K, 5}, rois.options());
       if (K > 0 && C > 0) {
-        prroi_backward_rois_kernel<scalar_t><<<K, kThreads, 0, stream>>>(
-            grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), output.const_data_ptr<scalar_t>(),
-            rois.const_data_ptr<double>(), gr.data_ptr<double>(), N, C, H, W, PH, PW, scale);
+        prroi_backward_rois_kernel<scalar_t, acc_t><<<K, kThreads, 0, stream>>>(
+            grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), t.geo, t.info, t.xs, t.ys,
+            gr.data_ptr<double>(), C, H, W, PH, PW, scale);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       grad_rois = gr.to(rois_.scalar_type());

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # every test reads the outcomes of the module fixture that runs the whole catalogue
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY_COCO = ["data.check_images=none", "num_workers=0", "batch_size=1", "schedule.max_iters=2",
              "schedule.warmup_iters=1", "schedule.lr_steps=[]", "eval_every=100", "checkpoint_every=100"]

@@ -241,6 +241,7 @@ def test_resume_from_a_checkpoint_of_another_model_names_the_first_tensor(tmp_pa
     load_model_state(ours, {"model": ours.state_dict()}, run / "checkpoints" / "last.pt", "m")  # a fit loads
 
 
+@pytest.mark.slow
 def test_sigterm_of_a_cli_run_is_one_line(tmp_path):
     """The real command line: SIGTERM while a command runs prints one line, exits 143, the run is INTERRUPTED."""
     script = textwrap.dedent("""

@@ -17,7 +17,8 @@ SCHEMAS = sorted({c for opts in schema.GROUP_SCHEMAS.values() for c in opts.valu
 # str keys that are free text (paths, names, targets), not enums
 FREE_TEXT = {"_target_", "name", "runs_dir", "cache_dir", "root", "train_ann", "val_ann", "train_images", "val_images",
              "pretrained", "init_from", "project", "entity", "group", "tags", "run", "checkpoint",
-             "train_overrides", "nms_ablate_overrides", "refine_overrides", "bench_pool_overrides"}
+             "train_overrides", "nms_ablate_overrides", "refine_overrides", "bench_pool_overrides",
+             "inference"}  # model.inference: nms overrides, checked when composed (iouctl.cli.common)
 # typed Any: checked elsewhere at composition (iouctl.engine.sizes) or group nodes
 UNTYPED = {"min_size", "max_size", "anchor_sizes", "paths", "logger", "data", "model", "pool", "optim", "nms",
            "augment", "refiner", "schedule"}
@@ -45,7 +46,7 @@ def test_the_schema_enums_are_the_library_constants():
     from iouctl.analysis import BACKENDS
     from iouctl.data.coco import CHECK_IMAGES
     from iouctl.data.shapes import SHAPE_NAMES
-    from iouctl.engine import bench_pool, demo, nms_ablate
+    from iouctl.engine import bench_pool, demo
     from iouctl.models import rcnn, retina
     from iouctl.models.backbones import BACKBONES
     from iouctl.ops.nms import SOFT_METHODS
@@ -59,8 +60,10 @@ def test_the_schema_enums_are_the_library_constants():
     assert schema.IOU_LOSSES == rcnn.IOU_LOSSES and schema.BACKBONES == BACKBONES
     assert schema.SOFT_METHODS == SOFT_METHODS and schema.REPORT_SCORES == REPORT_SCORES and schema.SCORES == SCORES
     # the ablation's methods are the nms group's options, derived from conf/nms/
+    from iouctl.cli.app import Method
+
     assert config._choices(schema.NmsAblate.__dataclass_fields__["methods"].metadata) == \
-        tuple(sorted(nms_ablate.METHODS))
+        tuple(sorted(m.value for m in Method)) == tuple(o.replace("_", "-") for o in config.group_options("nms"))
 
 
 @pytest.mark.parametrize("text,inside,outside,words", [
@@ -125,12 +128,12 @@ BAD = [
      "data.check_images=some is not valid; valid: one of none, val, all"),
     ("eval", "split=test", "split=test is not valid; valid: one of train, val"),
     ("eval", "nms=soft_linear nms.sigma=0", "nms.sigma=0.0 is not valid; valid: a finite number > 0"),
-    ("nms-ablate", "cls_weight=2", "cls_weight=2.0 is not valid; valid: a finite number in [0, 1]"),
+    ("nms-ablate", "cls_weight=2", "cls_weight=2.0 is not valid; valid: a finite number in [0, 1] or null"),
     ("nms-ablate", "iou_thresholds=[1.5]",
      "iou_thresholds=[1.5] is not valid (entry 1.5); valid: each entry a finite number in [0, 1]"),
     ("nms-ablate", "max_per_image=0", "max_per_image=0 is not valid; valid: an integer >= 1"),
     ("nms-ablate", "methods=[greedy,nms]", "methods=[greedy,nms] is not valid (entry nms); valid: each entry one of "
-                                           "greedy, iou-guided, soft-gaussian, soft-linear"),
+                                           + ", ".join(o.replace("_", "-") for o in config.group_options("nms"))),
     ("nms-ablate", "scores=[]", "scores=[] is not valid; valid: at least 1 entry"),
     ("refine", "refiner.step=0", "refiner.step=0.0 is not valid; valid: a finite number > 0"),
     ("refine", "refiner.omega2=0.5", "refiner.omega2=0.5 is not valid; valid: a finite number <= 0"),

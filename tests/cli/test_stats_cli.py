@@ -95,6 +95,7 @@ def test_stats_of_the_builtin_dataset_match_its_json(env):
     assert [v["box_size"][f"p{q}"] for q in (5, 50, 95)] == pytest.approx(np.percentile(sides, [5, 50, 95]))
 
 
+@pytest.mark.slow
 def test_auto_sizes_recorded_in_the_run_and_restored_by_eval(env):
     auto = ["model.min_size=auto", "model.max_size=auto", "model.anchor_sizes=auto"]
     r = runner.invoke(app, ["train", "model=iou_net", *TINY_TRAIN, *_shapes(env), *auto, f"paths.runs_dir={env / 'runs'}"])

@@ -81,6 +81,7 @@ def builtin_like(tmp_path_factory):
     return read_split(data.dataset("train").coco_dict())
 
 
+@pytest.mark.slow
 def test_rule_reproduces_the_hand_set_defaults_on_builtin_data(builtin_like):
     for option, pyramid in (("faster_rcnn", RCNN), ("iou_net", RCNN), ("retina", RETINA), ("iou_retina", RETINA)):
         conf = yaml.safe_load((CONF / f"{option}.yaml").read_text())

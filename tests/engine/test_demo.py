@@ -1,6 +1,7 @@
 """`iouctl demo` end to end at tiny scale: every step's files, a report built from the runs it made."""
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from iouctl.cli import app
@@ -11,6 +12,7 @@ TRAIN = ["model=iou_net", "schedule.max_iters=4", "schedule.warmup_iters=1", "sc
 TINY_TRAIN = "train_overrides=[" + ",".join(f"'{o}'" for o in TRAIN) + "]"  # Hydra: quoted list items
 
 
+@pytest.mark.slow
 def test_demo_tiny(tmp_path, monkeypatch):
     monkeypatch.setenv("IOUCTL_CACHE_DIR", str(tmp_path / "cache"))
     r = runner.invoke(app, ["demo", "data.num_train=8", "data.num_val=4", "data.image_size=64", "data.max_size=24",

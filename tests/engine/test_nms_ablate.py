@@ -33,6 +33,7 @@ def _only_run(root):
     return runs[0]
 
 
+@pytest.mark.slow
 def test_default_grid_synthetic(cache):
     r = runner.invoke(app, ["nms-ablate", "--synthetic", *TINY, f"paths.runs_dir={cache / 'runs'}",
                             "eval_backend=pycocotools"])
@@ -103,6 +104,7 @@ def test_score_iou_runs_iou_guided_against_the_baseline(cache):
     assert [a["arm"] for a in res["arms"]] == ["greedy[cls]@0.5", "iou-guided@0.5", "iou-guided@0.6", "iou-guided@0.7"]
 
 
+@pytest.mark.slow
 def test_detections_without_iou_head(cache):
     gt = _tiny_gt(cache)
     dets = synthesize_detections(gt, seed=1)
@@ -142,6 +144,7 @@ def test_iou_guided_arm_equals_the_algorithm(cache):
     assert torch.equal(kept.index, idx) and torch.equal(kept.scores, scores.to(kept.scores.dtype))
 
 
+@pytest.mark.slow
 def test_wandb_gets_table_plots_and_correlations(cache):
     from tests.wandb_records import history
 
@@ -173,10 +176,47 @@ def test_soft_nms_baseline_on_detections_without_iou(cache):
     assert arms == ["soft-linear[cls]@0.3", "greedy[cls]@0.5", "greedy[cls]@0.6", "greedy[cls]@0.7"]
 
 
+@pytest.mark.slow
 def test_baseline_with_other_settings_runs_beside_its_twin(cache):
     r = runner.invoke(app, ["nms-ablate", "--synthetic", "--nms", "greedy", "--score", "cls", "nms.max_per_image=5",
                             *TINY, f"paths.runs_dir={cache / 'runs'}"])
     assert r.exit_code == 0, r.output
     arms = json.loads((_only_run(cache / "runs") / "results.json").read_text())["arms"]
-    assert [a["arm"] for a in arms][:2] == ["greedy[cls]@0.5", "greedy[cls]@0.5'"]
+    assert [a["arm"] for a in arms][:2] == ["greedy[cls]@0.5", "greedy[cls]@0.5 (max_per_image=100)"]
     assert arms[0]["kept"] < arms[1]["kept"]  # 5 per image against the grid's 100
+
+
+def test_the_grid_is_options_times_sweeps(cache):
+    grid = ["grid.greedy.iou_threshold=[0.55]", "+grid.soft_gaussian.sigma=[0.3,0.7]", "methods=[greedy,soft-gaussian]",
+            "scores=[cls]"]
+    r = runner.invoke(app, ["nms-ablate", "--synthetic", *grid, *TINY, f"paths.runs_dir={cache / 'runs'}"])
+    assert r.exit_code == 0, r.output
+    arms = [a["arm"] for a in json.loads((_only_run(cache / "runs") / "results.json").read_text())["arms"]]
+    assert arms == ["greedy[cls]@0.5", "greedy[cls]@0.55", "soft-gaussian[cls]", "soft-gaussian[cls] (sigma=0.7)"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+grid.greedy.sigma=[0.1]", "grid.greedy.sigma: nms option greedy has no key sigma"),
+    ("grid.greedy.iou_threshold=[1.5]", "grid.greedy.iou_threshold=1.5 is not valid; valid: a finite number in [0, 1]"),
+    ("+grid.nope={}", "nms option 'nope' is not in conf/nms/"),
+])
+def test_a_bad_grid_is_one_line_before_a_run_folder(cache, override, message):
+    r = runner.invoke(app, ["nms-ablate", "--synthetic", override, *TINY, f"paths.runs_dir={cache / 'runs'}"])
+    assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.output, r.output
+    assert not (cache / "runs" / "nms-ablate").exists()
+
+
+@pytest.mark.slow
+def test_fused_weight_is_the_models_unless_overridden(cache):
+    gt = _tiny_gt(cache)
+    dets = synthesize_detections(gt, seed=1)
+    dets.meta["cls_weight"] = 0.2
+    path = dets.save(cache / "val.npz")
+    base = ["--score", "fused", "--nms", "greedy", *TINY, f"paths.runs_dir={cache / 'runs'}", f"run={path}"]
+    got = {}
+    for extra in ([], ["cls_weight=0.2"], ["cls_weight=0.9"]):
+        r = runner.invoke(app, ["nms-ablate", *base, *extra])
+        assert r.exit_code == 0, r.output
+        d = sorted((cache / "runs" / "nms-ablate").iterdir())[-1]
+        got[tuple(extra)] = json.loads((d / "results.json").read_text())["arms"][1]["AP"]
+    assert got[()] == got[("cls_weight=0.2",)] != got[("cls_weight=0.9",)]

@@ -10,6 +10,8 @@ from iouctl.cli import app
 from iouctl.data.detections import Detections
 from iouctl.postprocess.suppression import IoUGuidedNMS
 
+pytestmark = pytest.mark.slow  # every test shares the module fixture that trains two models
+
 runner = CliRunner()
 TINY = ["experiment=tiny", "data.num_train=8", "data.num_val=4", "data.image_size=64", "data.max_size=24",
         "model.min_size=64", "model.max_size=64", "optim.lr=0.005"]

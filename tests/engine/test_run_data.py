@@ -57,6 +57,7 @@ def _invoke(*args):
     return r
 
 
+@pytest.mark.slow
 def test_a_coco_run_is_scored_against_its_own_data_everywhere(tmp_path):
     env = tmp_path  # the session's cache: compiled kernels are reused, the datasets live here
     data_dir = make_dataset(env / "mine")

@@ -28,6 +28,7 @@ def _runs(root, command):
     return sorted((root / "runs" / command).iterdir())
 
 
+@pytest.mark.slow
 def test_train_iou_retina_then_eval_the_run(env):
     r = runner.invoke(app, ["train", "model=iou_retina", *TINY, f"paths.runs_dir={env / 'runs'}"])
     assert r.exit_code == 0, r.output
@@ -58,6 +59,7 @@ def _train_cmd(runs, *extra):
             "checkpoint_every=1", "eval_every=100", f"paths.runs_dir={runs}", *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment", [[], ["augment=standard"]], ids=["flip", "standard"])
 def test_sigkill_and_resume_reach_the_same_weights(env, augment):
     full = env / "full"
@@ -120,6 +122,7 @@ def test_lr_schedule():
     assert lr_factor(30, 10, 0.1, [20, 30], 0.1) == pytest.approx(0.01)
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(env):
     """DistributedDataParallel over gloo with 2 processes: one run directory (rank 0), training completes."""
     runs = env / "ddp"

@@ -78,8 +78,8 @@ def rcnn(init=None, seed=0, **kw):
 
 def retina(init=None, seed=0, **kw):
     args = {"backbone": "resnet50", "pretrained": None, "min_size": 64, "max_size": 64, "anchor_sizes": TV_RCNN,
-            "aspect_ratios": [0.5, 1.0, 2.0], "detections_per_img": 100, "iou_head": True, "iou_loss_weight": 1.0,
-            "score_thresh": 0.05, "topk_candidates": 1000, "cls_weight": 0.5, "detach_iou_target": True,
+            "aspect_ratios": [0.5, 1.0, 2.0], "quality": "iou", "iou_loss_weight": 1.0,
+            "score_thresh": 0.05, "topk_candidates": 1000, "detach_iou_target": True,
             "num_classes": 3, "head_norm": "none", "init_from": init}
     args.update(kw)
     torch.manual_seed(seed)
@@ -246,6 +246,15 @@ def test_retinanet_v1_loads_towers_and_the_rows_of_our_anchors(files, sizes, rat
         bias = state(model)["head.classification_head.cls_logits.bias"]
         torch.testing.assert_close(bias, torch.full_like(bias, -torch.log(torch.tensor(99.0)).item()))
         assert group(report, "class logits").shapes[0][1:] == [[3, 256, 3, 3], [819, 256, 3, 3]]
+
+
+@pytest.mark.parametrize("quality, head", [("centerness", {"centre-ness head": "new"}), ("qfl", {}), ("none", {})])
+def test_retinanet_v1_into_every_quality_head(files, quality, head):
+    path, _ = files["retinanet_resnet50_fpn"]
+    report = retina(path, quality=quality, num_classes=91).init_report
+    assert status(report) == {"backbone body": "loaded", "FPN": "loaded", "FPN P6": "loaded", "FPN P7": "loaded",
+                              "classification tower": "loaded", "regression tower": "loaded",
+                              "class logits": "loaded", "box regression": "loaded", **head}
 
 
 def test_retinanet_v1_into_groupnorm_towers_says_how_to_load_them(files):

@@ -305,7 +305,7 @@ def test_resnet18_with_local_pretrained_file_loads_it(tmp_path):
 @pytest.mark.parametrize("kw,match", [
     ({"backbone": "vgg"}, "backbone must be one of small, resnet18, resnet50"),
     ({"iou_loss": "l2"}, "iou_loss must be one of smooth_l1, bce"),
-    ({"anchor_sizes": [8, 16, 32, 64, 128, 256]}, "anchor_sizes must have 1 to 5"),
+    ({"anchor_sizes": [8, 16, 32, 64, 128, 256]}, r"need 1..5 anchor sizes \(one per FPN level P2..P6\)"),
     ({"num_classes": 0}, "num_classes must be an int >= 1"),
     ({"iou_bins": 0}, "iou_bins must be an int >= 1"),
     ({"pretrained": "/x.pth"}, "only for the resnet backbones"),

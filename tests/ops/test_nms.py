@@ -497,6 +497,7 @@ _special = st.sampled_from([0.0, 1.0, -1.0, 1e30, -1e30, float("nan"), float("in
 _coord = st.one_of(st.floats(-50, 50, width=32), _special)
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), n=st.integers(0, 24), dtype=st.sampled_from(DTYPES),
        thr=st.sampled_from([0.0, 0.2, 0.5, 1.0]))
@@ -607,3 +608,78 @@ def test_cuda_equals_cpu(dtype, ties):
     empty = iou_guided_nms(torch.zeros(0, 4, device="cuda"), torch.zeros(0, device="cuda"),
                            torch.zeros(0, device="cuda"), 0.5)
     assert empty[0].shape == (0,) and empty[0].device.type == "cuda"
+
+
+def _op_error(device: str, idxs: torch.Tensor) -> str:
+    """The message of the kernel (called directly, past the Python checks) for category ids ``idxs`` on ``device``."""
+    boxes, scores = torch.rand(4, 4, device=device), torch.rand(4, device=device)
+    with pytest.raises(ValueError) as e:
+        torch.ops.iouctl.batched_iou_guided_nms(boxes, scores, scores, idxs.to(device), 0.5)
+    return str(e.value).splitlines()[0]
+
+
+def test_kernel_rejects_float_and_bool_category_ids():
+    assert "idxs must be an integer tensor of category ids, got Float" in _op_error("cpu", torch.rand(4))
+    assert "idxs must be an integer tensor of category ids, got Bool" in _op_error("cpu", torch.zeros(4).bool())
+
+
+@pytest.mark.cuda
+def test_cuda_checks_equal_the_cpu_checks():
+    for idxs in (torch.rand(4), torch.zeros(4).bool(), torch.rand(4).double()):
+        assert _op_error("cuda", idxs) == _op_error("cpu", idxs)
+    with pytest.raises(ValueError, match="boxes must be floating point"):
+        torch.ops.iouctl.iou_guided_nms(torch.ones(3, 4, dtype=torch.long, device="cuda"),
+                                        torch.rand(3, device="cuda"), torch.rand(3, device="cuda"), 0.5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n, n_classes", [(40000, 3), (20000, 80), (6000, 1)])
+def test_cuda_segmented_nms_at_scale(n, n_classes):
+    # above the old 32768-box mask limit, many classes, one class: always on the GPU, equal to the CPU bit for bit
+    boxes, scores, ious, cls = clustered(n, n // 15, torch.float32, seed=31, n_classes=n_classes)
+    dev = [t.cuda() for t in (boxes, scores, ious, cls)]
+    want = batched_iou_guided_nms(boxes, scores, ious, cls, 0.5)
+    got = batched_iou_guided_nms(*dev, 0.5, impl="cuda")
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+    tv = torchvision.ops.batched_nms(boxes, scores, cls, 0.5)  # its CPU kernel: the same IoU expression as ours
+    assert torch.equal(batched_nms(dev[0], dev[1], dev[3], 0.5).cpu(), tv)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_low_precision_boxes_equal_cpu(dtype):
+    boxes, scores, ious, cls = clustered(2000, 120, torch.float32, seed=32, n_classes=5)
+    boxes, scores, ious = boxes.to(dtype), scores.to(dtype), ious.to(dtype)
+    want = batched_iou_guided_nms(boxes, scores, ious, cls, 0.6)
+    got = batched_iou_guided_nms(*(t.cuda() for t in (boxes, scores, ious, cls)), 0.6, impl="cuda")
+    assert got[1].dtype == dtype
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+@pytest.mark.cuda
+def test_cuda_nms_reads_back_once():
+    # one device-to-host read (the number of kept boxes); the NaN checks are the Python wrappers'
+    import warnings
+
+    boxes, scores, ious, cls = (t.cuda() for t in clustered(3000, 200, torch.float32, seed=33, n_classes=4))
+    torch.ops.iouctl.batched_iou_guided_nms(boxes, scores, ious, cls, 0.5)  # warm-up (lazy init may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.ops.iouctl.batched_iou_guided_nms(boxes, scores, ious, cls, 0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in seen if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck():
+    boxes, scores, _, cls = (t.cuda() for t in clustered(40, 4, torch.float32, seed=34, n_classes=2))
+    nms(boxes, scores, 0.5)
+    for op, args in (("iou_guided_nms", (boxes, scores, scores.flip(0), 0.5)),
+                     ("batched_iou_guided_nms", (boxes, scores, scores.flip(0), cls, 0.5))):
+        result = torch.library.opcheck(getattr(torch.ops.iouctl, op).default, args)
+        assert set(result.values()) == {"SUCCESS"}, result

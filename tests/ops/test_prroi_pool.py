@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,11 +19,16 @@ from iouctl.ops import PrRoIPool, _extension, prroi_pool
 from iouctl.ops.reference import hat_antiderivative, prroi_pool_reference
 
 CUDA = pytest.param("cuda", marks=pytest.mark.cuda)
-DEVICES = ["cpu", CUDA]
+# "direct": CPU tensors through impl="direct", the CUDA kernels' element bodies run by the CPU build
+DEVICES = ["cpu", "direct", CUDA]
 
 
 def kernel_impl(device: str) -> str:
-    return "cuda" if device == "cuda" else "cpp"
+    return {"cuda": "cuda", "direct": "direct"}.get(device, "cpp")
+
+
+def dev(device: str) -> str:
+    return "cpu" if device == "direct" else device
 
 
 def oracle(x: torch.Tensor, rois: torch.Tensor, size, scale: float) -> torch.Tensor:
@@ -76,10 +82,10 @@ def layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
 def test_golden_2x2(device, impl):
-    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], device=device, requires_grad=True)
-    rois = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0]], device=device)
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], device=dev(device), requires_grad=True)
+    rois = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0]], device=dev(device))
     out = prroi_pool(x, rois, 2, impl=kernel_impl(device) if impl == "kernel" else "reference")
-    expected = torch.tensor([[[[1.75, 2.25], [2.75, 3.25]]]], device=device)
+    expected = torch.tensor([[[[1.75, 2.25], [2.75, 3.25]]]], device=dev(device))
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
     out.sum().backward()
     # per axis the two half-cell bins give each cell weight 3/8 + 1/8 = 1/2 in total; / bin area 1/4 -> 1
@@ -91,8 +97,8 @@ def test_golden_2x2(device, impl):
 def test_unit_bins_equal_avg_pool(device, dtype):
     # integer-aligned 1x1 bins: the integral of a bilinear cell is the mean of its 4 corners
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 4, 6, 9, generator=gen, dtype=dtype).to(device)
-    rois = torch.tensor([[n, 0, 0, 8, 5] for n in (2, 0, 1)], dtype=dtype, device=device)
+    x = torch.randn(3, 4, 6, 9, generator=gen, dtype=dtype).to(dev(device))
+    rois = torch.tensor([[n, 0, 0, 8, 5] for n in (2, 0, 1)], dtype=dtype, device=dev(device))
     out = prroi_pool(x, rois, (5, 8), impl=kernel_impl(device))
     expected = F.avg_pool2d(x, kernel_size=2, stride=1)[[2, 0, 1]]
     tol = 1e-6 if dtype == torch.float32 else 1e-12  # float32: output rounding of O(1) values
@@ -128,12 +134,14 @@ def test_matches_torchvision_roi_align_dense_sampling():
 def test_forward_matches_reference(device, dtype, layout):
     gen = torch.Generator().manual_seed(3)
     N, C, H, W, scale = 2, 5, 9, 13, 0.5
-    x = layouts((torch.randn(N, C, H, W, generator=gen, dtype=torch.float64) * 3 + 1).to(dtype).to(device))[layout]
-    rois = make_rois(gen, N, H, W, 48, scale).to(dtype).to(device)
+    x = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64) * 3 + 1
+    x = layouts(x.to(dtype).to(dev(device)))[layout]
+    rois = make_rois(gen, N, H, W, 48, scale).to(dtype).to(dev(device))
     out = prroi_pool(x, rois, (3, 4), scale, impl=kernel_impl(device))
     ref = oracle(x, rois, (3, 4), scale)
     assert out.shape == (48, C, 3, 4) and out.dtype == dtype
-    # float32: 1e-5 of the output scale (issue target); the kernel accumulates in float64 so it rounds only once.
+    # float32: 1e-5 of the output scale (issue target); the CPU kernel accumulates in float64 so it rounds only once,
+    # the CUDA math (cuda, direct) sums <~100 float32 terms of the output's scale.
     # float64: prefix-sum cancellation ~1e-16 * |P| (|P| <= H W max|x|) / smallest bin area (~1e-3) -> 1e-10
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     scale_ = ref.abs().max().item()
@@ -148,9 +156,9 @@ def test_gradients_match_reference(device, dtype):
     x0 = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
     rois0 = make_rois(gen, N, H, W, 30, scale)
     g = torch.randn(30, C, 2, 3, generator=gen, dtype=torch.float64)
-    x = x0.to(dtype).to(device).requires_grad_()
-    rois = rois0.to(dtype).to(device).requires_grad_()
-    prroi_pool(x, rois, (2, 3), scale, impl=kernel_impl(device)).backward(g.to(dtype).to(device))
+    x = x0.to(dtype).to(dev(device)).requires_grad_()
+    rois = rois0.to(dtype).to(dev(device)).requires_grad_()
+    prroi_pool(x, rois, (2, 3), scale, impl=kernel_impl(device)).backward(g.to(dtype).to(dev(device)))
     xr = x.detach().double().cpu().requires_grad_()
     rr = rois.detach().double().cpu().requires_grad_()
     prroi_pool_reference(xr, rr, 2, 3, scale).backward(g)
@@ -205,19 +213,20 @@ def test_thin_bins_stay_exact(device):
     rois = torch.tensor([[0, 0.0, 0.0, 1.0, 2.0**-36], [0, 3.25, 2.5, 3.25 + 2.0**-30, 4.75],
                          [0, 1.0, 1.0, 1.0 + 2.0**-44, 1.5], [0, 2.2, 0.3, 2.23, 3.9], [0, -0.999, 3.0, 4.5, 3.004]],
                         dtype=torch.float64)
-    out = prroi_pool(x.to(device), rois.to(device), 2, impl=kernel_impl(device)).cpu()
+    out = prroi_pool(x.to(dev(device)), rois.to(dev(device)), 2, impl=kernel_impl(device)).cpu()
     exact = exact_prroi(x, rois, 2, 2)
     # a few float64 roundings of O(10) values on a well-conditioned path: 1e-12 relative
     assert (out - exact).abs().max().item() <= 1e-12 * exact.abs().max().item()
 
 
-def test_gradcheck_thin_bins_float64():
+@pytest.mark.parametrize("impl", ["cpp", "direct"])
+def test_gradcheck_thin_bins_float64(impl):
     gen = torch.Generator().manual_seed(15)
     x = torch.randn(1, 2, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     batch = torch.zeros(3, 1, dtype=torch.float64)
     coords = torch.tensor([[0.3, 0.6, 0.32, 2.9], [1.1, 1.7, 3.6, 1.71], [2.5, 0.5, 2.51, 0.505]],
                           dtype=torch.float64, requires_grad=True)  # bins of 0.005-0.01 cells: the direct path
-    f = lambda a, b: prroi_pool(a, torch.cat([batch, b], 1), 2, impl="cpp")
+    f = lambda a, b: prroi_pool(a, torch.cat([batch, b], 1), 2, impl=impl)
     assert torch.autograd.gradcheck(f, (x, coords), eps=1e-7, atol=1e-6)
 
 
@@ -248,18 +257,131 @@ def test_low_precision_on_cpu(dtype):
     assert x.grad.dtype == dtype and rois.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
 
 
-# ---- autograd plumbing ----
+# ---- the CUDA math on the CPU (impl="direct") ----
 
-def test_gradcheck_cpp_float64():
+def _run(x: torch.Tensor, rois: torch.Tensor, size, scale: float, impl: str, g: torch.Tensor):
+    """(output, input gradient, box gradient) of one implementation, in float64 on the CPU."""
+    xx, rr = x.detach().clone().requires_grad_(), rois.detach().clone().requires_grad_()
+    out = prroi_pool(xx, rr, size, scale, impl=impl)
+    out.backward(g.to(out.dtype).to(out.device))
+    return out.detach().double().cpu(), xx.grad.double().cpu(), rr.grad.double().cpu()
+
+
+def thin_rois(gen: torch.Generator, N: int, K: int, dtype: torch.dtype, side: float) -> torch.Tensor:
+    """[K, 5] boxes exact in ``dtype``, in image coordinates within [4, side]: even rows ordinary, odd rows a few
+    ulps of ``dtype`` wide or tall (with spatial_scale 1/16 and 7 bins, bins of ~1e-4 .. 1e-2 cells)."""
+    bits = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}[dtype]
+    u = torch.rand(K, 4, generator=gen, dtype=torch.float64)
+    x1 = (4 + u[:, 0] * (side - 12)).to(dtype).double()
+    y1 = (4 + u[:, 1] * (side - 12)).to(dtype).double()
+    x2 = (x1 + 2 + u[:, 2] * (side - 4 - x1)).to(dtype).double()
+    y2 = (y1 + 2 + u[:, 3] * (side - 4 - y1)).to(dtype).double()
+    ulp = lambda v: torch.exp2(torch.floor(torch.log2(v)) - bits)
+    steps = torch.randint(1, 4, (K,), generator=gen).double()
+    thin = torch.arange(K) % 2 == 1
+    wide = torch.arange(K) % 4 == 1  # thin rows alternate: thin in x, then thin in y
+    x2 = torch.where(thin & wide, x1 + steps * ulp(x1), x2)
+    y2 = torch.where(thin & ~wide, y1 + steps * ulp(y1), y2)
+    batch = torch.randint(0, N, (K, 1), generator=gen).double()
+    rois = torch.cat([batch, x1[:, None], y1[:, None], x2[:, None], y2[:, None]], 1)
+    assert torch.equal(rois.to(dtype).double(), rois)  # exact in dtype: "the same rounded inputs"
+    return rois
+
+
+def per_roi_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """max |got - want| over a RoI's box gradient, relative to that RoI's max |want| (Tensor[K])."""
+    return (got - want)[:, 1:].abs().amax(1) / want[:, 1:].abs().amax(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_direct_box_gradients_of_thin_boxes_in_low_precision(dtype):
+    # Refinement follows the box gradient, in half precision under AMP: within 1e-2 of float64 evaluated at the very
+    # same rounded inputs, RoI by RoI, also for boxes a few ulps wide (bins of ~1e-4 cell at stride 16).
+    gen = torch.Generator().manual_seed(21)
+    N, C, H, W, scale = 2, 4, 12, 14, 1 / 16
+    x = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype).double()
+    rois = thin_rois(gen, N, 24, dtype, 16 * 12)
+    g = torch.randn(24, C, 7, 7, generator=gen, dtype=torch.float64).to(dtype).double()
+    want = _run(x, rois, 7, scale, "reference", g)
+    got = _run(x.to(dtype), rois.to(dtype), 7, scale, "direct", g)
+    # 1e-2 (issue target); the gradient's own rounding to dtype is 2^-8 (bfloat16) or 2^-11 (float16). (Not for
+    # float32 boxes a few ulps wide: bins of ~1e-8 cell, where the float64 reference itself errs by ~1e-3.)
+    err = per_roi_error(got[2], want[2])
+    assert err.max().item() <= 1e-2, err
+    # The test can tell: the form the CUDA kernel used before (the saved output times 1/w instead of the bin average
+    # recomputed in float) would move the x1 gradient of a thin RoI by sum g (out_saved - out) / (x2 - x1).
+    out_saved = want[0].to(dtype).double()
+    shift = (g * (out_saved - want[0])).sum((1, 2, 3)) / (rois[:, 3] - rois[:, 1])
+    assert (shift.abs() / want[2][:, 1:].abs().amax(1)).max().item() > 1e-2
+    eps = torch.finfo(dtype).eps  # forward: float32 sums, one rounding to dtype
+    assert (got[0] - want[0]).abs().max().item() <= 2 * eps * want[0].abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_equals_direct(dtype):
+    # the CPU default (prefix sums) and the CUDA math (direct) on the same inputs, ordinary and thin boxes
+    gen = torch.Generator().manual_seed(22)
+    N, C, H, W = 2, 3, 10, 12
+    x = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype)
+    rois = torch.cat([make_rois(gen, N, H, W, 36, 0.5), thin_rois(gen, N, 12, torch.float32, 2 * 11)]).to(dtype)
+    g = torch.randn(48, C, 3, 3, generator=gen, dtype=torch.float64)
+    a, b = _run(x, rois, 3, 0.5, "cpp", g), _run(x, rois, 3, 0.5, "direct", g)
+    # float32: both within ~1e-6 of float64 (float32 sums vs float64 sums); float64: prefix-sum cancellation 1e-10
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for got, want in zip(b, a):
+        assert (got - want).abs().max().item() <= tol * want.abs().max().item()
+
+
+@pytest.mark.parametrize("impl", ["cpp", "direct"])
+def test_gradcheck_float64(impl):
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(2, 2, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     batch = torch.tensor([[0.0], [1.0], [1.0]], dtype=torch.float64)
     coords = torch.tensor([[0.3, 0.6, 4.2, 3.9], [-1.3, 2.2, 3.1, 6.4], [2.25, 1.7, 2.9, 2.2]],
                           dtype=torch.float64, requires_grad=True)
     # gradcheck perturbs every input entry: keep the (non-differentiable) batch index out of its reach
-    f = lambda a, b: prroi_pool(a, torch.cat([batch, b], 1), (2, 3), 0.9, impl="cpp")
+    f = lambda a, b: prroi_pool(a, torch.cat([batch, b], 1), (2, 3), 0.9, impl=impl)
     assert torch.autograd.gradcheck(f, (x, coords), eps=1e-6, atol=1e-7)
 
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_direct_opcheck(dtype):
+    prroi_pool(torch.zeros(1, 1, 2, 2), torch.zeros(1, 5), 1, impl="direct")  # loads and registers
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 3, 5, 6, generator=gen).to(dtype).requires_grad_()
+    rois = torch.tensor([[1, 0.3, 0.6, 4.2, 3.9], [0, -1.0, 2.0, 3.0, 6.0]], dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.iouctl._prroi_pool_direct.default, (x, rois, 2, 3, 0.75))
+    out = torch.ops.iouctl._prroi_pool_direct(x, rois, 2, 3, 0.75).detach()
+    assert out.dtype == dtype
+    torch.library.opcheck(torch.ops.iouctl._prroi_pool_direct_backward.default,
+                          (torch.randn_like(out), x.detach(), rois.detach(), out, 2, 3, 0.75, True, True))
+
+
+# ---- autocast ----
+
+def test_autocast_pools_in_float32_and_returns_the_input_dtype():
+    # as torchvision's roi_align under autocast: inputs cast to float32 (boxes keep their float32 precision), the
+    # result in the input's dtype, for the Python function and for the op called directly
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(1, 4, 8, 9, generator=gen).bfloat16()
+    rois = torch.tensor([[0, 0.3, 0.61, 6.17, 5.3], [0, 2.01, 1.0, 2.02, 6.5]])  # not exact in bfloat16
+    expected = prroi_pool(x.float(), rois, 2, impl="cpp").bfloat16()
+    assert not torch.equal(expected, prroi_pool(x.float(), rois.bfloat16().float(), 2, impl="cpp").bfloat16())
+    xg = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prroi_pool(xg, rois, 2)  # mixed dtypes: allowed under autocast only
+        op_out = torch.ops.iouctl.prroi_pool(x, rois.bfloat16(), 2, 2, 1.0)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    assert torch.equal(op_out, prroi_pool(x.float(), rois.bfloat16().float(), 2, impl="cpp").bfloat16())
+    out.float().sum().backward()
+    assert xg.grad.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="float32 or float64"):  # without autocast the CPU kernel refuses bfloat16
+        torch.ops.iouctl.prroi_pool(x, rois.bfloat16(), 2, 2, 1.0)
+    with pytest.raises(ValueError, match="same dtype"):
+        prroi_pool(x, rois, 2)
+
+
+# ---- autograd plumbing ----
 
 def test_gradcheck_reference_float64():
     gen = torch.Generator().manual_seed(9)
@@ -333,14 +455,15 @@ def _coord():
 @given(boxes=st.lists(st.tuples(st.integers(0, 1), _coord(), _coord(), _coord(), _coord()), min_size=1,
                       max_size=64),
        degenerate_pair=st.booleans())
-def test_degenerate_boxes_never_crash(boxes, degenerate_pair):
+@pytest.mark.parametrize("impl", ["cpp", "direct"])
+def test_degenerate_boxes_never_crash(impl, boxes, degenerate_pair):
     x = torch.arange(2 * 3 * 7 * 8, dtype=torch.float32).reshape(2, 3, 7, 8) / 100
     rois = torch.tensor(boxes, dtype=torch.float32)
     if degenerate_pair:  # zero-size boxes exactly on a cell
         rois[::2, 3:] = rois[::2, 1:3]
     rois.requires_grad_()
     xg = x.clone().requires_grad_()
-    out = prroi_pool(xg, rois, (2, 3), impl="cpp")
+    out = prroi_pool(xg, rois, (2, 3), impl=impl)
     finite = torch.isfinite(rois.detach()[:, 1:]).all(1)
     has_nan = torch.isnan(rois.detach()[:, 1:]).any(1)
     assert torch.isfinite(out[finite]).all()
@@ -362,21 +485,23 @@ def test_degenerate_boxes_never_crash(boxes, degenerate_pair):
     assert torch.isfinite(rois.grad[finite]).all()
 
 
-def test_empty_inputs():
+@pytest.mark.parametrize("impl", ["cpp", "direct"])
+def test_empty_inputs(impl):
     x = torch.randn(2, 3, 4, 5, requires_grad=True)
-    out = prroi_pool(x, torch.zeros(0, 5), 2, impl="cpp")
+    out = prroi_pool(x, torch.zeros(0, 5), 2, impl=impl)
     assert out.shape == (0, 3, 2, 2)
     out.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
     flat = torch.randn(1, 2, 0, 5)  # a map with no rows is all zeros
-    assert torch.equal(prroi_pool(flat, torch.tensor([[0, 0.0, 0.0, 2.0, 2.0]]), 2, impl="cpp"),
+    assert torch.equal(prroi_pool(flat, torch.tensor([[0, 0.0, 0.0, 2.0, 2.0]]), 2, impl=impl),
                        torch.zeros(1, 2, 2, 2))
-    assert prroi_pool(torch.randn(1, 0, 4, 4), torch.tensor([[0, 0.0, 0.0, 2.0, 2.0]]), 2).shape == (1, 0, 2, 2)
+    empty_c = prroi_pool(torch.randn(1, 0, 4, 4), torch.tensor([[0, 0.0, 0.0, 2.0, 2.0]]), 2, impl=impl)
+    assert empty_c.shape == (1, 0, 2, 2)
 
 
 # ---- bad input: one clear line each ----
 
-@pytest.mark.parametrize("impl", ["cpp", "reference"])
+@pytest.mark.parametrize("impl", ["cpp", "direct", "reference"])
 @pytest.mark.parametrize("batch", [2.0, -1.0, 0.5, math.nan])
 def test_bad_batch_index(impl, batch):
     x = torch.randn(2, 1, 4, 4)
@@ -405,10 +530,14 @@ def test_bad_scale_and_impl():
     x, rois = torch.randn(1, 1, 4, 4), torch.zeros(1, 5)
     with pytest.raises(ValueError, match="spatial_scale must be a finite number > 0"):
         prroi_pool(x, rois, 2, spatial_scale=math.inf)
-    with pytest.raises(ValueError, match="impl must be one of auto, cpp, cuda, reference"):
+    with pytest.raises(ValueError, match="impl must be one of auto, cpp, cuda, reference, direct"):
         prroi_pool(x, rois, 2, impl="triton")
+    with pytest.raises(ValueError, match="impl must be one of auto, cpp, cuda, reference, direct"):
+        PrRoIPool(2, impl="triton")
     with pytest.raises(ValueError, match="impl='cuda' runs on CUDA tensors but the input is on cpu"):
         prroi_pool(x, rois, 2, impl="cuda")
+    with pytest.raises(ValueError, match="impl='direct' runs on CPU tensors but the input is on meta"):
+        prroi_pool(x.to("meta"), rois.to("meta"), 2, impl="direct")
 
 
 def test_op_called_directly_checks_its_input():
@@ -427,12 +556,13 @@ def test_auto_uses_the_compiled_kernel_on_cpu():
     assert _extension.select_impl("prroi_pool", "reference", "cpu") == "reference"
 
 
+@pytest.mark.slow
 def test_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch):
     kernels = tmp_path / "kernels" / "broken_op"
     kernels.mkdir(parents=True)
     (kernels / "broken_op.cpp").write_text("#include <torch/library.h>\nthis is not C++;\n")
     monkeypatch.setattr(_extension, "kernels_dir", lambda: tmp_path / "kernels")
-    monkeypatch.setenv("IOUCTL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("IOUCTL_KERNEL_CACHE", str(tmp_path / "cache"))
     with pytest.warns(_extension.KernelBuildWarning, match="Build log: .*build.log") as rec:
         assert _extension.select_impl("broken_op", "auto", "cpu") == "reference"
     assert len(rec) == 1
@@ -443,6 +573,7 @@ def test_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch):
             _extension.select_impl("broken_op", "cpp", "cpu")
 
 
+@pytest.mark.slow
 def test_parallel_builds_share_one_cache(tmp_path):
     # two processes race to build the same library into an empty cache: both must load a working op
     op = tmp_path / "kernels" / "race_op"
@@ -461,7 +592,7 @@ def test_parallel_builds_share_one_cache(tmp_path):
         assert _extension.load_library("race_op")
         print(float(torch.ops.iouctl.race_twice(torch.tensor(3.0))))
     """)
-    env = {**os.environ, "IOUCTL_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "IOUCTL_KERNEL_CACHE": str(tmp_path / "cache")}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     procs = [subprocess.Popen([sys.executable, "-c", script], env=env, cwd=root, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -469,7 +600,7 @@ def test_parallel_builds_share_one_cache(tmp_path):
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err[-2000:]
         assert out.strip().splitlines()[-1] == "6.0"
-    builds = list((tmp_path / "cache" / "torch_extensions").iterdir())
+    builds = list((tmp_path / "cache").iterdir())
     assert len(builds) == 1 and (builds[0] / "built.ok").is_file()
 
 
@@ -516,6 +647,129 @@ def test_cuda_non_default_device():
     out = prroi_pool(x.to("cuda:1"), rois.to("cuda:1"), 2, impl="cuda")
     assert out.device == torch.device("cuda:1")
     torch.testing.assert_close(out.cpu(), prroi_pool(x, rois, 2, impl="cpp"), rtol=0, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_cuda_equals_direct(dtype):
+    # the same element bodies on both: CUDA differs from the CPU loops only by FMA contraction, atomics order and the
+    # reduction order
+    gen = torch.Generator().manual_seed(24)
+    x = torch.randn(2, 6, 12, 14, generator=gen).to(dtype)
+    rois = torch.cat([make_rois(gen, 2, 12, 14, 30, 1 / 16), thin_rois(gen, 2, 10, dtype, 16 * 12)]).to(dtype)
+    g = torch.randn(40, 6, 7, 7, generator=gen, dtype=torch.float64)
+    a = _run(x, rois, 7, 1 / 16, "direct", g)
+    b = _run(x.cuda(), rois.cuda(), 7, 1 / 16, "cuda", g)
+    eps = torch.finfo(dtype).eps
+    # half outputs: one rounding each, which a last-bit difference in float32 may flip: 2 eps; float32 sums of ~50
+    # terms: 1e-5 (issue target); float64: 1e-10
+    tol = 2 * eps if eps > 1e-4 else (1e-5 if dtype == torch.float32 else 1e-10)
+    for got, want in zip(b[:2], a[:2]):
+        assert (got - want).abs().max().item() <= tol * want.abs().max().item()
+    live = a[2][:, 1:].abs().amax(1) > 0
+    assert per_roi_error(b[2][live], a[2][live]).max().item() <= max(tol, 1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_box_gradients_of_thin_boxes_in_low_precision(dtype):
+    gen = torch.Generator().manual_seed(21)
+    N, C, H, W, scale = 2, 4, 12, 14, 1 / 16
+    x = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype).double()
+    rois = thin_rois(gen, N, 24, dtype, 16 * 12)
+    g = torch.randn(24, C, 7, 7, generator=gen, dtype=torch.float64).to(dtype).double()
+    want = _run(x, rois, 7, scale, "reference", g)
+    got = _run(x.to(dtype).cuda(), rois.to(dtype).cuda(), 7, scale, "cuda", g)
+    assert per_roi_error(got[2], want[2]).max().item() <= 1e-2  # issue target, at the same rounded inputs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [2.0, -1.0, 0.5, math.nan])
+def test_cuda_bad_batch_index_raises(batch):
+    x = torch.randn(2, 1, 4, 4, device="cuda")
+    rois = torch.tensor([[0, 0.0, 0.0, 1.0, 1.0], [batch, 0.0, 0.0, 1.0, 1.0]], device="cuda")
+    with pytest.raises(ValueError, match=r"rois\[1, 0\] \(batch index\).*integer in \[0, 2\)"):
+        prroi_pool(x, rois, 2, impl="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_mode_refuses_the_atomic_input_gradient():
+    x = torch.randn(1, 2, 6, 6, device="cuda", requires_grad=True)
+    rois = torch.tensor([[0, 0.5, 0.5, 4.0, 5.0]], device="cuda", requires_grad=True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = prroi_pool(x, rois, 2, impl="cuda")
+        with pytest.raises(RuntimeError, match="deterministic"):
+            out.sum().backward()
+        # the box gradient alone is a block reduction: deterministic, allowed
+        (gr,) = torch.autograd.grad(prroi_pool(x.detach(), rois, 2, impl="cuda").sum(), rois)
+        (gr2,) = torch.autograd.grad(prroi_pool(x.detach(), rois, 2, impl="cuda").sum(), rois)
+        assert torch.equal(gr, gr2)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.cuda
+def test_cuda_autocast_pools_in_float32():
+    gen = torch.Generator().manual_seed(25)
+    x = torch.randn(1, 4, 8, 9, generator=gen).cuda()
+    rois = torch.tensor([[0, 0.3, 0.61, 6.17, 5.3], [0, 2.01, 1.0, 2.02, 6.5]], device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        feat = x.half()
+        out = prroi_pool(feat, rois, 2)
+        ra = torchvision.ops.roi_align(feat, rois, 2, 1.0, aligned=False)
+    assert out.dtype == ra.dtype == torch.float16
+    assert torch.equal(out, prroi_pool(feat.float(), rois, 2, impl="cuda").half())
+
+
+@pytest.mark.cuda
+def test_cuda_forward_reads_back_once_backward_never():
+    x = torch.randn(2, 3, 8, 8, device="cuda", requires_grad=True)
+    rois = torch.tensor([[1, 0.5, 0.5, 4.0, 5.0], [0, 1.0, 2.0, 7.0, 3.0]], device="cuda", requires_grad=True)
+    prroi_pool(x, rois, 2, impl="cuda").sum().backward()  # warm-up
+    torch.cuda.synchronize()
+    counts = []
+    for step in ("forward", "backward"):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                if step == "forward":
+                    out = prroi_pool(x, rois, 2, impl="cuda")
+                else:
+                    out.sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        counts.append(sum("synchroniz" in str(w.message) for w in seen))
+    assert counts == [1, 0]  # the batch-index flag; nothing in the backward
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_opcheck(dtype):
+    prroi_pool(torch.zeros(1, 1, 2, 2, device="cuda"), torch.zeros(1, 5, device="cuda"), 1)
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 3, 5, 6, generator=gen).to(dtype).cuda().requires_grad_()
+    rois = torch.tensor([[1, 0.3, 0.6, 4.2, 3.9], [0, -1.0, 2.0, 3.0, 6.0]], dtype=dtype, device="cuda",
+                        requires_grad=True)
+    torch.library.opcheck(torch.ops.iouctl.prroi_pool.default, (x, rois, 2, 3, 0.75))
+    out = torch.ops.iouctl.prroi_pool(x, rois, 2, 3, 0.75).detach()
+    torch.library.opcheck(torch.ops.iouctl._prroi_pool_backward.default,
+                          (torch.randn_like(out), x.detach(), rois.detach(), out, 2, 3, 0.75, False, True))
+
+
+@pytest.mark.cuda
+def test_cuda_torch_compile():
+    x = torch.randn(1, 2, 5, 6, device="cuda", requires_grad=True)
+    rois = torch.tensor([[0, 0.5, 0.5, 4.0, 3.0], [0, 1.0, 0.2, 2.0, 4.5]], device="cuda", requires_grad=True)
+    f = torch.compile(lambda a, b: prroi_pool(a, b, 2) * 2, fullgraph=True)
+    out = f(x, rois)
+    out.sum().backward()
+    xe, re = x.detach().requires_grad_(), rois.detach().requires_grad_()
+    eager = prroi_pool(xe, re, 2) * 2
+    eager.sum().backward()
+    torch.testing.assert_close(out, eager, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rois.grad, re.grad, rtol=1e-5, atol=1e-6)
 
 
 # ---- the bench-pool engine (iouctl/engine/bench_pool.py) ----
