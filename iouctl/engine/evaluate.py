@@ -29,10 +29,11 @@ def predict(model: torch.nn.Module, dataset: Any, category_ids: torch.Tensor, de
             outputs = model([im.to(device) for im in images])
             for out, t in zip(outputs, targets):
                 n = len(out["boxes"])
+                # kept where the model ran: NMS runs there too (evaluate_detections)
                 parts.append(Detections(
-                    torch.full((n,), int(t["image_id"]), dtype=torch.int64), out["boxes"].float().cpu(),
-                    category_ids[out["labels"].cpu()], out["scores"].float().cpu(),
-                    out["ious"].float().cpu() if "ious" in out else None, {}))
+                    torch.full((n,), int(t["image_id"]), dtype=torch.int64, device=out["boxes"].device),
+                    out["boxes"].float(), category_ids.to(out["labels"].device)[out["labels"]], out["scores"].float(),
+                    out["ious"].float() if "ious" in out else None, {}))
             progress.advance(task, len(images))
     with_ious = any(p.ious is not None for p in parts)
     return Detections.concat(parts, meta=meta) if parts else Detections.empty(with_ious, meta)
@@ -43,7 +44,8 @@ def evaluate_detections(run: Any, dets: Detections, gt: Any, nms: Any, backend: 
     """Save the raw detections, apply `nms`, report AP, the correlation of each score with the true IoU, and of the
     kept detections TIDE's error breakdown (IoU 0.5, 0.75) and the calibration of their score."""
     dets.save(run.path("detections", f"{split}.npz"))
-    kept = nms(dets)
+    kept = nms(dets).to("cpu")  # NMS where the detections are (the model's device); the analyses on the CPU
+    dets = dets.to("cpu")
     metrics = evaluate(gt, kept, backend=backend)
     tiou = true_iou(gt, dets)
     scores = all_scores(dets)

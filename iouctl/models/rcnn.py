@@ -85,8 +85,11 @@ class MultiLevelPool(nn.Module):
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor]) -> Tensor:
         feats = [features[n] for n in self.featmap_names]
         ref = feats[0]
-        boxes = [b.to(ref.dtype) for b in boxes]
-        index = [torch.full((len(b), 1), float(i), dtype=ref.dtype, device=ref.device) for i, b in enumerate(boxes)]
+        # boxes at least float32 even when the features are fp16 (AMP): the pools take them so under autocast, and
+        # fp16 pixel coordinates lose ~1 px at 1000+
+        rdtype = torch.promote_types(ref.dtype, torch.float32)
+        boxes = [b.to(rdtype) for b in boxes]
+        index = [torch.full((len(b), 1), float(i), dtype=rdtype, device=ref.device) for i, b in enumerate(boxes)]
         rois = torch.cat([torch.cat(index), torch.cat(boxes)], dim=1) if boxes else ref.new_zeros((0, 5))
         ph, pw = self.output_size
         out = ref.new_zeros((rois.shape[0], ref.shape[1], ph, pw))
