@@ -87,7 +87,7 @@ CASES = [
     _c("ablate_thresholds", "nms-ablate --synthetic iou_thresholds=[1.5]", "iou_thresholds=[1.5]", "in [0, 1]"),
     _c("ablate_max_per_image", "nms-ablate --synthetic max_per_image=0", "max_per_image=0", "an integer >= 1"),
     _c("ablate_methods", "nms-ablate --synthetic methods=[greedy,nms]", "methods=[greedy,nms]",
-       "greedy, iou-guided, soft-gaussian, soft-linear"),
+       "valid: each entry one of box-voting, cluster, diou, greedy, iou-guided, matrix"),
     _c("refine_step", "refine refiner.step=0", "refiner.step=0.0", "> 0"),
     _c("refine_report_score", "refine refiner.report_score=max", "refiner.report_score=max", "cls, cluster"),
     _c("bench_roi_sizes", "bench-pool roi_sizes=[mixed,-3]", "roi_sizes=[mixed,-3]", "> 0 or mixed"),
