@@ -75,7 +75,7 @@ def main() -> None:
     data = config.instantiate(cfg.data)
     data.prepare()
     torch.manual_seed(int(cfg.seed))
-    model = config.instantiate(cfg.model, num_classes=data.num_classes, pool=config.instantiate(cfg.pool)).train()
+    model = config.instantiate_model(cfg.model, num_classes=data.num_classes, pool=config.instantiate(cfg.pool)).train()
     opt = config.instantiate(cfg.optim)(model.parameters())
     cats, train = CategoryMap(data.categories), data.dataset("train")
     augments = {arm: config.instantiate(config.compose("train", [*base, f"augment={arm}",

@@ -390,6 +390,16 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         raise ConfigError(f"{_target_of(node)}: {_one_line(str(exc))}") from None
 
 
+
+# Model keys for the post-processing (conf/model/*.yaml: the model's own inference), not constructor arguments
+POSTPROCESS_KEYS = ("inference", "cls_weight")
+
+
+def instantiate_model(node: DictConfig, **kwargs: Any) -> Any:
+    """`instantiate` of a model config without POSTPROCESS_KEYS."""
+    return instantiate(OmegaConf.masked_copy(node, [k for k in node if k not in POSTPROCESS_KEYS]), **kwargs)
+
+
 def _target_of(node: Any) -> str:
     return str(node.get("_target_", "?")) if hasattr(node, "get") else "?"
 

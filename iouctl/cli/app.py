@@ -152,17 +152,6 @@ def _load_weights(model, checkpoint, conf) -> dict:
     return state
 
 
-# Model keys for the post-processing (conf/model/*.yaml), not arguments of the model's constructor
-POSTPROCESS_KEYS = ("inference", "cls_weight")
-
-
-def model_constructor_args(model_conf):
-    """The model config without POSTPROCESS_KEYS: what its `_target_` is called with."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.masked_copy(model_conf, [k for k in model_conf if k not in POSTPROCESS_KEYS])
-
-
 def _detector_inputs(conf, run) -> tuple:
     """(data (prepared), model, evaluation closure (inference, the configured NMS, AP), inference closure, device,
     category map) for train, eval and refine."""
@@ -179,8 +168,7 @@ def _detector_inputs(conf, run) -> tuple:
     from iouctl.engine.sizes import resolve_auto_sizes
     conf = resolve_auto_sizes(conf, data, run)  # model sizes `auto` -> values from the train split, in config.yaml
     torch.manual_seed(int(conf.seed))  # the initial weights are part of the experiment
-    model = config.instantiate(model_constructor_args(conf.model), num_classes=data.num_classes,
-                               pool=config.instantiate(conf.pool))
+    model = config.instantiate_model(conf.model, num_classes=data.num_classes, pool=config.instantiate(conf.pool))
     nms = config.instantiate(conf.nms)
     device = resolve_device(str(conf.device))
     amp = bool(conf.get("amp", False)) and device.type == "cuda"  # as engine.train decides it: autocast on CUDA only

@@ -125,9 +125,11 @@ def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, grid: list, detecti
     if analyses_md:
         run.write_text("analyses.md", "\n".join(analyses_md))
     plots = run.path("plots")
-    ap_png = plot_ap_vs_threshold(curves, plots / "ap_vs_iou_threshold.png", baseline=base_name)["path"]
-    heat_png = plot_dap_heatmap(curves, base_name, plots / "dap_heatmap.png")["path"]
-    run.log_image("plots/dap_heatmap", heat_png)
+    compared = len(curves) > 1  # deltas need an arm besides the baseline
+    ap_png = plot_ap_vs_threshold(curves, plots / "ap_vs_iou_threshold.png",
+                                  baseline=base_name if compared else None)["path"]
+    if compared:
+        run.log_image("plots/dap_heatmap", plot_dap_heatmap(curves, base_name, plots / "dap_heatmap.png")["path"])
     if errors and "errors" in cfg.analyses:
         run.log_image("plots/tide_errors", plot_tide_errors(errors, plots / "tide_errors.png")["path"])
         run.log({f"errors/{n}/{e.iou_threshold:g}/d{k}": v for n, es in errors.items() for e in es

@@ -47,9 +47,7 @@ def test_every_option_composes_and_instantiates(group, option):
     if group == "model":
         import torch
 
-        from iouctl.cli.app import model_constructor_args  # the post-processing keys are not constructor arguments
-
-        model = config.instantiate(model_constructor_args(node), num_classes=3, pool=config.instantiate(cfg.pool))
+        model = config.instantiate_model(node, num_classes=3, pool=config.instantiate(cfg.pool))
         assert isinstance(model, torch.nn.Module) and (model.quality == "iou") == option.startswith("iou_")
         return
     obj = config.instantiate(node)

@@ -236,7 +236,7 @@ def test_detectors_train_on_images_without_boxes(model):
     """Crops can leave an image with no box: every detector's loss must stay finite (and backward work)."""
     cfg = config.compose("train", [f"model={model}", "model.min_size=64", "model.max_size=64"])
     torch.manual_seed(0)
-    net = config.instantiate(cfg.model, num_classes=3, pool=config.instantiate(cfg.pool)).train()
+    net = config.instantiate_model(cfg.model, num_classes=3, pool=config.instantiate(cfg.pool)).train()
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     for targets in ([{"boxes": torch.tensor([[5.0, 5, 30, 30]]), "labels": torch.tensor([1])}, empty],
                     [empty, empty]):

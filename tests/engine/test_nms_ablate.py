@@ -41,8 +41,9 @@ def test_default_grid_synthetic(cache):
     d = _only_run(cache / "runs")
     res = json.loads((d / "results.json").read_text())
     names = [a["arm"] for a in res["arms"]]
-    # baseline first; greedy 3x3, iou-guided 3, soft-linear 3x3, soft-gaussian 3, minus the baseline's duplicate
-    assert names[0] == "greedy[cls]@0.5" and len(names) == 24 and len(set(names)) == 24
+    # baseline first; greedy 3x3, iou-guided 3, soft-linear 3x3, soft-gaussian 3 minus the baseline's duplicate (24),
+    # diou 2x2, matrix 2x2, cluster 3 variants, box voting 2, wbf 2x2 (17)
+    assert names[0] == "greedy[cls]@0.5" and len(names) == 41 and len(set(names)) == 41
     assert res["arms"][0]["dAP"] == 0 and all(a["AP"] >= 0 for a in res["arms"])
     for f in ("results.csv", "results.md", "plots/ap_vs_iou_threshold.png", "plots/score_vs_true_iou.png",
               "detections/val.npz"):

@@ -70,9 +70,10 @@ def test_a_coco_run_is_scored_against_its_own_data_everywhere(tmp_path):
     assert dets.meta["data"]["ann_file"] == str(data_dir / "annotations" / "val.json")
     assert final["num_raw"] > 0
 
-    # nms-ablate run=<the coco run>, no data override: the run's data is restored; its baseline arm (greedy NMS on
-    # cls at 0.5, the train run's own NMS) reproduces the train run's final numbers exactly
-    r = _invoke("nms-ablate", f"run={t}", "methods=[greedy]", "scores=[cls]", "iou_thresholds=[0.5]",
+    # nms-ablate run=<the coco run>, no data override: the run's data is restored; its baseline arm (IoU-guided NMS
+    # at 0.5, iou_net's own inference, as the train run's evaluation) reproduces the train run's final numbers exactly
+    assert final["nms"] == "iou-guided@0.5"
+    r = _invoke("nms-ablate", f"run={t}", "nms=iou_guided", "methods=[iou-guided]", "iou_thresholds=[0.5]",
                 "eval_backend=pycocotools", runs)
     assert r.exit_code == 0, r.output
     (a,) = _runs(env, "nms-ablate")
