@@ -120,7 +120,8 @@ def mirrored(tmp_path_factory):
     r = runner.invoke(app, ["train", *tiny, *common])
     assert r.exit_code == 0, r.output
     (train_dir,) = (runs / "train").iterdir()
-    for args in (["eval"], ["nms-ablate", "scores=[cls,iou]", "iou_thresholds=[0.5,0.7]"], ["refine"]):
+    for args in (["eval"], ["nms-ablate", "scores=[cls,iou]", "iou_thresholds=[0.5,0.7]",
+                                                    "methods=[greedy,iou-guided,soft-linear,soft-gaussian]"], ["refine"]):
         r = runner.invoke(app, [*args, f"run={train_dir}", *common])
         assert r.exit_code == 0, r.output
     yield {c: next((runs / c).iterdir()) for c in ("train", "eval", "nms-ablate", "refine")}
@@ -149,8 +150,11 @@ def test_nms_ablate_mirror(mirrored):
     hist = assert_mirrors_metrics(mirrored["nms-ablate"])
     arms = [h for h in hist if any(k.endswith("/dAP") for k in h)]
     assert len(arms) == 2 * 2 + 2 + 2 * 2 + 2  # greedy, iou-guided, soft-linear x thresholds; soft-gaussian
-    assert {"nms_ablation", "plots/ap_vs_iou_threshold", "plots/score_vs_true_iou"} <= _media(
-        _row_with(hist, "corr_before/iou/pearson"))
+    media = set().union(*(_media(h) for h in hist))
+    assert {"nms_ablation", "plots/ap_vs_iou_threshold", "plots/score_vs_true_iou", "plots/dap_heatmap",
+            "plots/tide_errors", "plots/reliability"} <= media
+    assert any(k.startswith("errors/") for h in hist for k in h) and any(k.startswith("calibration/") for h in hist
+                                                                         for k in h)
 
 
 @pytest.mark.slow
