@@ -396,7 +396,17 @@ POSTPROCESS_KEYS = ("inference", "cls_weight")
 
 
 def instantiate_model(node: DictConfig, **kwargs: Any) -> Any:
-    """`instantiate` of a model config without POSTPROCESS_KEYS."""
+    """`instantiate` of a model config without POSTPROCESS_KEYS; of `kwargs` (what the engine has for any detector,
+    e.g. the RoI pool) only those its constructor takes."""
+    import inspect
+
+    from hydra.utils import get_method
+
+    try:
+        params = inspect.signature(get_method(str(node._target_))).parameters
+    except Exception:  # noqa: BLE001 -- a target that does not resolve: instantiate says so in one line
+        params = kwargs
+    kwargs = {k: v for k, v in kwargs.items() if k in params}
     return instantiate(OmegaConf.masked_copy(node, [k for k in node if k not in POSTPROCESS_KEYS]), **kwargs)
 
 

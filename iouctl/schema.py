@@ -119,8 +119,9 @@ class _Detector:
     anchor_sizes: Any = MISSING
     aspect_ratios: List[float] = key(POSITIVE, size=AT_LEAST_1)
     iou_loss_weight: float = key(AT_LEAST_0)
-    # the post-processing its paper uses, as nms overrides applied before the user's (nms=... given: not applied)
-    inference: List[str] = key(size=AT_LEAST_1)
+    # the post-processing its paper uses, as nms overrides applied before the user's (nms=... given: not applied);
+    # null (RetinaNet): the paper's of its quality head (iouctl.models.contract.QUALITY_HEADS)
+    inference: Optional[List[str]] = key(size=AT_LEAST_1, default=None)
     cls_weight: float = key(PROBABILITY)  # a in the fused score cls^a * IoU^(1-a)
 
 

@@ -72,6 +72,7 @@ def test_a_key_added_to_the_option_since_the_run_takes_that_options_default(tmp_
     assert OmegaConf.to_container(cfg.pool) == saved["pool"]
 
 
+@pytest.mark.slow
 def test_the_users_overrides_win(tmp_path):
     d = _record(tmp_path, "train", ["model=iou_net", "model.box_score_thresh=0.1", *TINY])
     cfg = _restore("eval", d, ["model.box_score_thresh=0.3", "data.num_val=2"])
@@ -80,6 +81,7 @@ def test_the_users_overrides_win(tmp_path):
     assert cfg.model._target_.endswith("retinanet") and cfg.model.min_size == 128 and cfg.data.num_train == 8
 
 
+@pytest.mark.slow
 def test_an_eval_run_restores_as_its_train_run_did(tmp_path):
     """An eval run records the choices its restore made: a refine of it gets the train run's model again."""
     d = _record(tmp_path, "train", ["model=iou_net", "model.box_score_thresh=0.1", *TINY])

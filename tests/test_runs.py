@@ -91,8 +91,7 @@ def test_path_cannot_escape_the_run(tmp_path):
 def test_latest_run(tmp_path):
     with _open(tmp_path) as run:
         first = run.dir
-    time.sleep(1.1)
-    with _open(tmp_path) as run:
+    with _open(tmp_path) as run:  # in the same second, it is named <stamp>_t-1: still the newer by its name
         second = run.dir
     assert latest_run(tmp_path / "runs", ["eval"]) == second != first
     assert latest_run(tmp_path / "runs", ["train"]) is None
@@ -162,7 +161,6 @@ def test_find_run_file(tmp_path):
     with _open(tmp_path) as run:
         run.write_text("detections/val.txt", "x")
         with_file = run.dir
-    time.sleep(1.1)
     with _open(tmp_path) as run:  # newer, but without the file: not chosen
         pass
     runs = tmp_path / "runs"
@@ -196,8 +194,7 @@ def test_steps_of_a_composite_run_are_runs_of_their_command(tmp_path):
     listed = list_runs(runs)
     assert [(r["dir"], r["command"], r["state"]) for r in listed] == [
         (ablate.dir, "nms-ablate", "COMPLETED"), (train.dir, "train", "COMPLETED"), (run.dir, "demo", "COMPLETED")]
-    time.sleep(1.1)
-    with _open(tmp_path) as later:  # a newer run of another command sorts first
+    with _open(tmp_path) as later:  # a newer run of another command sorts first (<stamp>_t after <stamp>_d)
         pass
     assert list_runs(runs)[0]["dir"] == later.dir and latest_run(runs, ["train"]) == train.dir
 

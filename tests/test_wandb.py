@@ -16,6 +16,7 @@ from tests.wandb_records import config as wandb_config, history
 pytest.importorskip("wandb")
 
 
+@pytest.mark.slow
 def test_wandb_offline_mirror(tmp_path):
     cfg = config.compose("bench_pool".replace("_", "-"), ["logger=wandb", f"paths.runs_dir={tmp_path}"])
     logger = config.instantiate(cfg.logger)

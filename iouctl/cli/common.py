@@ -146,18 +146,30 @@ def compose(command: str, overrides: Optional[List[str]], allow_missing: bool = 
 
 
 def _model_inference(cfg: Any, overrides: List[str]) -> List[str]:
-    """The model's own post-processing (`model.inference`, nms overrides such as [nms=greedy, nms.score=fused]) for a
-    command that composes a model and an NMS, unless the user chose the NMS (nms=...): applied before the user's
-    overrides, so nms.iou_threshold=0.6 still refines it."""
+    """The model's own post-processing (nms overrides such as [nms=greedy, nms.score=fused]) for a command that
+    composes a model and an NMS, unless the user chose the NMS (nms=...): applied before the user's overrides, so
+    nms.iou_threshold=0.6 still refines it."""
     if "model" not in cfg or "nms" not in cfg or any(o.split("=", 1)[0].lstrip("+~") == "nms" for o in overrides):
         return []
+    return own_inference(cfg.model)
+
+
+def own_inference(model_cfg: Any) -> List[str]:
+    """`model.inference` when given, else (null) the paper's of its quality head (iouctl.models.contract): a RetinaNet
+    with model.quality=qfl ranks by cls, with model.quality=iou by the fused score."""
     from omegaconf import OmegaConf
 
-    if OmegaConf.is_missing(cfg.model, "inference") or cfg.model.get("inference") is None:
+    if "inference" not in model_cfg or OmegaConf.is_missing(model_cfg, "inference"):
         return []
+    if model_cfg.inference is None:
+        if "quality" not in model_cfg:
+            return []
+        from iouctl.models.contract import QUALITY_HEADS
+
+        return list(QUALITY_HEADS[model_cfg.quality].inference)
     from iouctl.errors import ConfigError
 
-    inference = [str(o) for o in cfg.model.inference]
+    inference = [str(o) for o in model_cfg.inference]
     bad = [o for o in inference if not o.startswith(("nms=", "nms."))]
     if bad:
         raise ConfigError(f"model.inference holds {bad[0]!r}; valid: nms overrides only, e.g. "
@@ -175,7 +187,7 @@ def inference_note(cfg: Any, overrides: List[str]) -> Optional[str]:
     """For a command that evaluates a model: which post-processing it uses and why (printed at the start)."""
     if "model" not in cfg or "nms" not in cfg or "inference" not in cfg.model:
         return None
-    own = " ".join(str(o) for o in cfg.model.inference)
+    own = " ".join(own_inference(cfg.model))
     if _model_inference(cfg, overrides):
         return f"inference: {own} (the model's own: model.inference)"
     given = " ".join(o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] == "nms")

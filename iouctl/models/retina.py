@@ -365,13 +365,12 @@ class IoURetinaNet(RetinaNet):
 def retinanet(backbone: str, pretrained: str | None, min_size: int, max_size: int, anchor_sizes: Sequence[int],
               aspect_ratios: Sequence[float], quality: str, iou_loss_weight: float,
               score_thresh: float, topk_candidates: int, detach_iou_target: bool,
-              num_classes: int | None = None, pool: nn.Module | None = None, head_norm: str = "none",
+              num_classes: int | None = None, head_norm: str = "none",
               iou_supervision: str = "positives", init_from: str | None = None, scales_per_octave: int = 1,
               fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.4, fpn_channels: int | None = None
               ) -> IoURetinaNet:
     """RetinaNet with the localization-quality head `quality` (none: RetinaNet; iou: the IoU-aware RetinaNet;
-    centerness, iou_cls, qfl: see the module docstring); `IoURetinaNet` has the call contract. `pool` is not used (a
-    single-stage detector pools no RoIs): the CLI still passes the pool config to every detector.
+    centerness, iou_cls, qfl: see the module docstring); `IoURetinaNet` has the call contract.
 
     One anchor size per FPN level, the first on P3 (stride 8): len(anchor_sizes) levels (1..5), each with
     len(aspect_ratios) anchors per location. Bad arguments raise ConfigError (a ValueError) with one line.

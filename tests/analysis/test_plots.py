@@ -156,6 +156,7 @@ def test_ap_deltas_lines_are_the_differences(tmp_path):
         plot_ap_deltas({"base": GRID["base"]}, "base", tmp_path / "x.png")
 
 
+@pytest.mark.slow
 def test_dap_heatmap_matrix(tmp_path):
     from iouctl.analysis import plot_dap_heatmap
 

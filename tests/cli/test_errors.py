@@ -57,6 +57,7 @@ def test_usage_error_in_a_real_process():
 
 
 # ------------------------------------------------------------------------------ config and path mistakes
+@pytest.mark.slow
 def test_overrides_hydra_cannot_take(tmp_path):
     runs = tmp_path / "runs"
     assert one_line(runner.invoke(app, ["train", "=5", f"paths.runs_dir={runs}"])) == \
@@ -155,6 +156,7 @@ def test_dataloader_worker_error_is_its_own_line(capsys):
     assert capsys.readouterr().err == "error: cannot read image /data/[x]/3.png: image file is truncated\n"
 
 
+@pytest.mark.slow
 def test_a_bug_in_a_run_is_one_line_pointing_to_the_log(tmp_path, capsys):
     from iouctl.cli.common import run_experiment
 

@@ -20,6 +20,17 @@ def test_the_models_own_inference_by_default(command, model, target, score):
     assert cfg.nms._target_.endswith(target) and cfg.nms.get("score") == score
 
 
+@pytest.mark.parametrize("model", ["retina", "iou_retina"])
+@pytest.mark.parametrize("quality,score", [("none", "cls"), ("iou", "fused"), ("centerness", "fused"),
+                                           ("iou_cls", "cls"), ("qfl", "cls")])
+def test_a_retinanet_ranks_by_its_quality_heads_score(model, quality, score):
+    """The RetinaNet options hold no inference of their own (null): model.quality decides it, so iou_retina with the
+    IoU inside its classification score (iou_cls, qfl) does not ask for a fused score its detections cannot give."""
+    cfg = compose("eval", [f"model={model}", f"model.quality={quality}"])
+    assert cfg.nms._target_.endswith("GreedyNMS") and cfg.nms.score == score
+
+
+@pytest.mark.slow
 def test_nms_given_wins_and_nms_keys_refine_the_models_own():
     assert compose("eval", ["model=iou_retina", "nms=greedy"]).nms.score == "cls"
     assert compose("eval", ["model=iou_net", "nms=soft_linear"]).nms._target_.endswith("SoftNMS")
@@ -33,6 +44,7 @@ def test_model_inference_holds_nms_overrides_only():
         compose("train", ["model=iou_retina", "model.inference=[\"optim.lr=1\"]"])
 
 
+@pytest.mark.slow
 def test_train_reports_and_uses_the_models_inference(tmp_path):
     r = runner.invoke(app, ["train", "model=iou_retina", "experiment=tiny", f"paths.runs_dir={tmp_path}"])
     assert r.exit_code == 0, r.output

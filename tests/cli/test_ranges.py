@@ -172,6 +172,7 @@ def test_boundary_values_are_accepted(command, overrides):
     config.compose(command, overrides.split(" "))
 
 
+@pytest.mark.slow
 def test_plus_keys_are_held_to_the_schema():
     with pytest.raises(ConfigError) as plain:
         config.compose("train", ["foo=bar"])

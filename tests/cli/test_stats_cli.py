@@ -50,6 +50,7 @@ def _coco_folder(root):
             "data.val_ann=annotations/val.json", "data.train_images=img", "data.val_images=img"], boxes
 
 
+@pytest.mark.slow
 def test_stats_of_a_coco_folder(env):
     args, boxes = _coco_folder(env / "coco")
     r = runner.invoke(app, ["data", "stats", *args, f"paths.runs_dir={env / 'runs'}"])
@@ -82,6 +83,7 @@ def test_stats_of_a_coco_folder(env):
     assert (d / "status").read_text().strip() == "COMPLETED"
 
 
+@pytest.mark.slow
 def test_stats_of_the_builtin_dataset_match_its_json(env):
     r = runner.invoke(app, ["data", "stats", *_shapes(env), f"paths.runs_dir={env / 'runs'}"])
     assert r.exit_code == 0, r.output

@@ -180,6 +180,7 @@ def test_workers_do_not_change_the_samples():
         assert len(versions) >= 3 and not all(torch.equal(versions[0], x) for x in versions[1:])
 
 
+@pytest.mark.slow
 def test_config_options():
     none = config.instantiate(config.compose("train", ["augment=none"]).augment)
     assert none is None and len(AugmentedDataset(Painted(), none)) == 3
@@ -231,6 +232,7 @@ def test_bad_values_are_one_line(key, value, message):
         RandomAugment(**{**params, key: value})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["retina", "iou_retina", "faster_rcnn", "iou_net"])
 def test_detectors_train_on_images_without_boxes(model):
     """Crops can leave an image with no box: every detector's loss must stay finite (and backward work)."""

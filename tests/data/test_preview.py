@@ -78,6 +78,7 @@ def test_augmented_rows_show_the_image_then_its_draws(tmp_path):
         assert (arr[oy + 16 * 8, mirrored + 8 * 8] == 0).all()  # left of the mirrored box: black
 
 
+@pytest.mark.slow
 def test_preview_command_with_augment(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

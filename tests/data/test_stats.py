@@ -125,6 +125,7 @@ def test_large_images_are_capped_and_anchors_follow_the_resize():
     assert "scaled by 0.267" in s.reasons["image size"]
 
 
+@pytest.mark.slow
 def test_a_given_size_is_kept_and_the_other_made_consistent(builtin_like):
     s = suggest_sizes(builtin_like, RETINA, min_size=256)  # upsampling 2x: anchors double too
     assert (s.min_size, s.max_size, s.anchor_sizes) == (256, 256, [31, 62, 124])  # round(22 * sqrt(2))

@@ -98,6 +98,7 @@ def _loop_iou_guided(dets, thr, k=100):
     return torch.tensor(idx), torch.tensor(out_scores)
 
 
+@pytest.mark.slow
 def test_score_iou_runs_iou_guided_against_the_baseline(cache):
     r = runner.invoke(app, ["nms-ablate", "--synthetic", "--score", "iou", *TINY, f"paths.runs_dir={cache / 'runs'}"])
     assert r.exit_code == 0, r.output
@@ -123,6 +124,7 @@ def test_detections_without_iou_head(cache):
     assert arms and all("[cls]" in a for a in arms)
 
 
+@pytest.mark.slow
 def test_no_detections_anywhere_is_one_line(cache):
     r = runner.invoke(app, ["nms-ablate", *TINY, f"paths.runs_dir={cache / 'runs'}"])
     assert r.exit_code == 2 and "--synthetic" in r.stderr
@@ -137,6 +139,7 @@ def test_greedy_arm_equals_torchvision(cache):
         assert torch.equal(kept.scores, dets.scores[kept.index])
 
 
+@pytest.mark.slow
 def test_iou_guided_arm_equals_the_algorithm(cache):
     gt = _tiny_gt(cache)
     dets = synthesize_detections(gt, seed=4)
@@ -165,6 +168,7 @@ def test_wandb_gets_table_plots_and_correlations(cache):
     assert fused["arm"] == "greedy[fused]@0.5" and logged["greedy[fused]@0.5/AP90"] == pytest.approx(fused["AP90"])
 
 
+@pytest.mark.slow
 def test_soft_nms_baseline_on_detections_without_iou(cache):
     gt = _tiny_gt(cache)
     dets = synthesize_detections(gt, seed=2)
@@ -187,6 +191,7 @@ def test_baseline_with_other_settings_runs_beside_its_twin(cache):
     assert arms[0]["kept"] < arms[1]["kept"]  # 5 per image against the grid's 100
 
 
+@pytest.mark.slow
 def test_the_grid_is_options_times_sweeps(cache):
     grid = ["grid.greedy.iou_threshold=[0.55]", "+grid.soft_gaussian.sigma=[0.3,0.7]", "methods=[greedy,soft-gaussian]",
             "scores=[cls]"]

@@ -151,6 +151,7 @@ def _check(root, *extra):
     return _invoke("data", "check", "data=coco", f"data.root={root}", *extra)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("breakage, needle", [
     ("corrupt", "1 images that cannot be decoded"),
     ("truncated", "1 images that cannot be decoded"),

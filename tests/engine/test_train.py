@@ -87,6 +87,7 @@ def test_sigkill_and_resume_reach_the_same_weights(env, augment):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_iteration_and_term(env):
     r = runner.invoke(app, ["train", "model=retina", *TINY, "optim.lr=1e30", "clip_grad_norm=null",
                             "checkpoint_every=1", f"paths.runs_dir={env / 'runs'}"])

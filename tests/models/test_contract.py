@@ -11,6 +11,7 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 
 from iouctl import config, schema
+from iouctl.cli.common import own_inference
 from iouctl.models import contract
 from iouctl.models.contract import QUALITIES, Detector, check_eval_output, check_train_output, describe
 from tests.models.test_rcnn import one_thread  # noqa: F401 -- its autouse fixture: one intra-op thread
@@ -67,9 +68,9 @@ def test_every_model_option_declares_the_contract(option):
     assert got == DEFAULTS[option]
     record = describe(model)
     assert json.loads(json.dumps(record)) == record and record["num_classes"] == NUM_CLASSES
-    # the config's own inference (what the CLI applies) is the one the model declares
+    # what the CLI applies (a config's own inference, or null: its quality head's) is what the model declares
     node = config.compose("train", [f"model={option}"]).model
-    assert tuple(node.inference) == tuple(model.inference)
+    assert tuple(own_inference(node)) == tuple(model.inference)
 
 
 def test_a_module_without_the_attributes_is_not_a_detector():
