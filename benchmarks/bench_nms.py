@@ -35,6 +35,7 @@ import torch
 import torchvision
 
 from iouctl.ops import _extension
+from iouctl.ops.boxes import paired_box_iou
 from iouctl.ops.nms import batched_iou_guided_nms, iou_guided_nms, soft_nms
 
 IMAGE = (800, 1216)  # H, W of a COCO-sized input
@@ -60,7 +61,7 @@ def realistic_detections(n: int, centres: int, classes: int = 1, seed: int = 0, 
     boxes = torch.stack([x - w / 2, y - h / 2, x + w / 2, y + h / 2], 1)
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
-    true_iou = torchvision.ops.box_iou(boxes, src)[torch.arange(n), which]
+    true_iou = paired_box_iou(boxes, src[which])
     ious = (true_iou + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)).clamp(0, 1)
     scores = torch.rand(n, generator=g, dtype=torch.float64)
     labels = torch.randint(0, classes, (centres,), generator=g)[which]
@@ -81,33 +82,49 @@ def interleaved(fns: dict, repeats: int, warmup: int = 3) -> dict[str, list[floa
     return times
 
 
-def case(name, baseline, contenders, target, repeats, rows):
-    fns = {"torchvision": baseline, **contenders}
-    times = interleaved(fns, repeats)
-    base = statistics.median(times["torchvision"])
+def compare(name, baseline_name, fns, targets, repeats, rows, warmup=3):
+    """Time ``fns`` (name -> callable) interleaved; print and append to ``rows`` each median, its ratio to
+    ``fns[baseline_name]``'s and the verdict against ``targets`` (name -> highest ratio allowed)."""
+    times = interleaved(fns, repeats, warmup)
+    base = statistics.median(times[baseline_name])
     for k, ts in times.items():
         med = statistics.median(ts)
         ratio = med / base
-        tgt = target.get(k)
+        tgt = targets.get(k)
         verdict = "" if tgt is None else ("meets" if ratio <= tgt else "MISSES") + f" <= {tgt:g}x"
         rows.append({"case": name, "impl": k, "median_ms": med * 1e3, "ratio": ratio, "target": tgt,
                      "verdict": verdict})
-        print(f"{name:<38} {k:<28} {med * 1e3:9.2f} ms  {ratio:6.2f}x  {verdict}")
+        print(f"{name:<38} {k:<34} {med * 1e3:10.2f} ms  {ratio:7.3f}x  {verdict}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=41)
+def case(name, baseline, contenders, target, repeats, rows):
+    compare(name, "torchvision", {"torchvision": baseline, **contenders}, target, repeats, rows)
+
+
+def options(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """The options of a kernel benchmark (--repeats, --threads, --json, --reference); a script adds its own."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=repeats)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     p.add_argument("--reference", action="store_true", help="also time the pure-PyTorch references (slow)")
-    args = p.parse_args()
+    return p
+
+
+def start(args: argparse.Namespace, library: str) -> None:
+    """Set torch's thread count, build (or load) the kernels of `library` or exit naming the build log, and print the
+    setup: versions, CPU, threads, load average, repeats."""
     torch.set_num_threads(args.threads)
-    if not _extension.load_library("nms"):
-        sys.exit(f"the NMS kernels failed to build; see {_extension.build_log('nms')}")
+    if not _extension.load_library(library):
+        sys.exit(f"the {library} kernels failed to build; see {_extension.build_log(library)}")
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {args.threads} threads, load average {os.getloadavg()[0]:.2f}, "
-          f"median of {args.repeats}")
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {args.threads} threads, "
+          f"load average {os.getloadavg()[0]:.2f}, median of {args.repeats}")
+
+
+def main() -> None:
+    args = options(__doc__, repeats=41).parse_args()
+    start(args, "nms")
     rows: list[dict] = []
     ref_repeats = max(3, args.repeats // 8)
 

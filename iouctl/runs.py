@@ -439,6 +439,11 @@ def process_alive(pid: int, started: str | None) -> bool | None:
     return True
 
 
+def read_meta(run_dir: str | Path) -> dict:
+    """A run's meta.json ({} when it cannot be read): e.g. the contract of its detector (meta["detector"])."""
+    return _read_meta(Path(run_dir))
+
+
 def _read_meta(run_dir: Path) -> dict:
     try:
         meta = json.loads((Path(run_dir) / "meta.json").read_text())
@@ -791,10 +796,11 @@ def train_run_of(run_dir: str | Path, checkpoint: str) -> Path:
 
 
 def find_model_run(run: str | None, runs_dir: str | Path, checkpoint: str, split: str,
-                   usable: Callable[[dict], bool] = lambda config: True, wanted: str = "",
+                   usable: Callable[[dict, dict], bool] = lambda config, meta: True, wanted: str = "",
                    hint: str = "pass run=<dir>") -> Source:
     """The :class:`Source` of `run` (a train or eval run folder) or, with run=None, of the newest completed train or
-    eval run (steps of composite runs included) whose config.yaml `usable` accepts and whose train run is there.
+    eval run (steps of composite runs included) whose config.yaml and meta.json `usable(config, meta)` accepts and
+    whose train run is there.
     `wanted` and `hint` complete the one line (IouctlError) said when there is none: "no completed train/eval run
     {wanted} under {runs_dir}; {hint}"."""
     import yaml
@@ -813,7 +819,7 @@ def find_model_run(run: str | None, runs_dir: str | Path, checkpoint: str, split
     for r in find_runs(runs_dir, ["train", "eval"], state="COMPLETED", has="config.yaml"):
         try:
             config = yaml.safe_load((r.dir / "config.yaml").read_text())
-            if isinstance(config, dict) and usable(config):
+            if isinstance(config, dict) and usable(config, r.meta):
                 return source(r.dir, train_run_of(r.dir, checkpoint))
         except (OSError, yaml.YAMLError, IouctlError):
             continue  # an unreadable run, or an eval run whose train run is gone: the next one

@@ -53,7 +53,8 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 BENCH_IMPLS = ("all", "prroi", "prroi_reference", "roi_align", "roi_align_adaptive", "roi_pool")
 BENCH_DEVICES = ("auto", "cpu", "cuda")
 ANALYSES = ("errors", "calibration", "oracle")
-DEMO_STEPS = ("data", "train", "nms-ablate", "refine", "bench-pool")
+DEMO_STEPS = ("data", "train", "nms-ablate", "refine", "train-retina", "train-iou-retina", "nms-iou-retina",
+              "bench-pool")
 
 SEED = "[0, 4294967295]"  # numpy's generators take seeds below 2**32
 POSITIVE = "(0, inf)"
@@ -71,10 +72,15 @@ class Paths:
 
 
 @dataclass
-class ShapesData:
+class _Option:
+    """A group option: `_target_` is the plain constructor its node is instantiated with (iouctl.config.instantiate)."""
+    _target_: str = MISSING
+
+
+@dataclass
+class ShapesData(_Option):
     ORDERED: ClassVar[tuple] = (("min_objects", "max_objects", 0), ("min_size", "max_size", 0),
                                 ("max_size", "image_size", 2))  # objects keep a 1-pixel margin
-    _target_: str = MISSING
     cache_dir: str = MISSING
     seed: int = key(SEED)
     num_train: int = key(AT_LEAST_1)
@@ -93,8 +99,7 @@ class ShapesData:
 
 
 @dataclass
-class CocoData:
-    _target_: str = MISSING
+class CocoData(_Option):
     root: str = MISSING
     train_ann: str = MISSING
     val_ann: str = MISSING
@@ -107,8 +112,7 @@ class CocoData:
 
 
 @dataclass
-class _Detector:
-    _target_: str = MISSING
+class _Detector(_Option):
     backbone: str = key(choices=BACKBONES)
     pretrained: Optional[str] = None  # a local ImageNet weights file; never downloaded
     init_from: Optional[str] = None  # a local torchvision detector state_dict (iouctl.models.init_from)
@@ -155,69 +159,68 @@ class RCNNModel(_Detector):
 
 
 @dataclass
-class PrRoIPool:
-    _target_: str = MISSING
+class _Pool(_Option):
     output_size: int = key(AT_LEAST_1)
     spatial_scale: float = key(POSITIVE)
 
 
 @dataclass
-class RoIAlign:
-    _target_: str = MISSING
-    output_size: int = key(AT_LEAST_1)
-    spatial_scale: float = key(POSITIVE)
+class PrRoIPool(_Pool):
+    pass
+
+
+@dataclass
+class RoIAlign(_Pool):
     sampling_ratio: int = key("[-1, inf)")  # <= 0: adaptive (torchvision)
     aligned: bool = MISSING
 
 
 @dataclass
-class GreedyNMS:
-    _target_: str = MISSING
-    iou_threshold: float = key(PROBABILITY)
+class _NMS(_Option):
+    """The keys of every nms option (iouctl.postprocess: each arm keeps its max_per_image best per image)."""
+    max_per_image: int = key(AT_LEAST_1)
+
+
+@dataclass
+class _RankedNMS(_NMS):
     score: str = key(choices=SCORES)  # the ranking score
-    max_per_image: int = key(AT_LEAST_1)
 
 
 @dataclass
-class IoUGuidedNMS:
-    _target_: str = MISSING
+class _ThresholdNMS(_RankedNMS):
     iou_threshold: float = key(PROBABILITY)
-    max_per_image: int = key(AT_LEAST_1)
 
 
 @dataclass
-class SoftNMS:
-    _target_: str = MISSING
+class GreedyNMS(_ThresholdNMS):
+    pass
+
+
+@dataclass
+class IoUGuidedNMS(_NMS):  # ranks by the predicted IoU (IoU-Net Alg. 1): no score key
+    iou_threshold: float = key(PROBABILITY)
+
+
+@dataclass
+class SoftNMS(_ThresholdNMS):
     method: str = key(choices=SOFT_METHODS)
     sigma: float = key(POSITIVE)
-    iou_threshold: float = key(PROBABILITY)
     score_threshold: float = key("[0, 1)")  # scores are in [0, 1]: a threshold of 1 would drop every box
-    score: str = key(choices=SCORES)
-    max_per_image: int = key(AT_LEAST_1)
 
 
 @dataclass
-class DIoUNMS:
-    _target_: str = MISSING
-    iou_threshold: float = key(PROBABILITY)
+class DIoUNMS(_ThresholdNMS):
     beta: float = key(POSITIVE)  # exponent of the centre-distance penalty
-    score: str = key(choices=SCORES)
-    max_per_image: int = key(AT_LEAST_1)
 
 
 @dataclass
-class MatrixNMS:
-    _target_: str = MISSING
+class MatrixNMS(_RankedNMS):  # decays every score: no threshold
     kernel: str = key(choices=MATRIX_KERNELS)
     sigma: float = key(POSITIVE)
-    score: str = key(choices=SCORES)
-    max_per_image: int = key(AT_LEAST_1)
 
 
 @dataclass
-class ClusterNMS:
-    _target_: str = MISSING
-    iou_threshold: float = key(PROBABILITY)
+class ClusterNMS(_ThresholdNMS):
     spm: bool = MISSING
     distance: bool = MISSING
     weighted: bool = MISSING
@@ -226,32 +229,21 @@ class ClusterNMS:
     weight_threshold: float = key(PROBABILITY)
     score_threshold: float = key("[0, 1)")
     max_iterations: int = key(AT_LEAST_1)
-    score: str = key(choices=SCORES)
-    max_per_image: int = key(AT_LEAST_1)
 
 
 @dataclass
-class BoxVoting:
-    _target_: str = MISSING
-    iou_threshold: float = key(PROBABILITY)
+class BoxVoting(_ThresholdNMS):
     vote_threshold: float = key("(0, 1]")  # 0 would make every box of the class a voter
-    score: str = key(choices=SCORES)
-    max_per_image: int = key(AT_LEAST_1)
 
 
 @dataclass
-class WeightedBoxesFusion:
-    _target_: str = MISSING
-    iou_threshold: float = key(PROBABILITY)
+class WeightedBoxesFusion(_ThresholdNMS):
     skip_box_threshold: float = key("[0, 1)")
     conf_type: str = key(choices=WBF_CONF_TYPES)
-    score: str = key(choices=SCORES)
-    max_per_image: int = key(AT_LEAST_1)
 
 
 @dataclass
-class IoURefiner:
-    _target_: str = MISSING
+class IoURefiner(_Option):
     step: float = key(POSITIVE)  # lambda of IoU-Net Alg. 2
     omega1: float = key(AT_LEAST_0)
     omega2: float = key("(-inf, 0]")
@@ -263,32 +255,30 @@ class IoURefiner:
 
 
 @dataclass
-class SGD:
-    _target_: str = MISSING
-    _partial_: bool = True
+class _Optimizer(_Option):
+    _partial_: bool = True  # instantiated to a factory; the engine passes the parameters
     lr: float = key(POSITIVE)
-    momentum: float = key("[0, 1)")
     weight_decay: float = key(AT_LEAST_0)
+
+
+@dataclass
+class SGD(_Optimizer):
+    momentum: float = key("[0, 1)")
     nesterov: bool = MISSING
 
 
 @dataclass
-class AdamW:
-    _target_: str = MISSING
-    _partial_: bool = True
-    lr: float = key(POSITIVE)
+class AdamW(_Optimizer):
     betas: List[float] = key("[0, 1)", size="[2, 2]")
-    weight_decay: float = key(AT_LEAST_0)
 
 
 @dataclass
-class MirrorPairs:
-    _target_: str = MISSING
+class MirrorPairs(_Option):
+    pass
 
 
 @dataclass
-class RandomAugment:
-    _target_: str = MISSING
+class RandomAugment(_Option):
     crop_prob: float = key(PROBABILITY)
     # [min, max] fraction of the image area
     crop_scale: List[float] = key("(0, 1]", size="[2, 2]", order="nondecreasing")
@@ -305,13 +295,12 @@ class RandomAugment:
 
 
 @dataclass
-class NoLogger:
-    _target_: str = MISSING
+class NoLogger(_Option):
+    pass
 
 
 @dataclass
-class WandbLogger:
-    _target_: str = MISSING
+class WandbLogger(_Option):
     project: str = MISSING
     entity: Optional[str] = None
     mode: str = key(choices=LOGGER_MODES)
@@ -342,39 +331,35 @@ class Schedule:
 
 
 @dataclass
-class Train(_Command):
+class _DetectorCommand(_Command):
+    """A command that runs a detector on a dataset: train, eval, refine."""
     device: str = key(choices=DEVICES)
+    run: Optional[str] = None
+    batch_size: int = key(AT_LEAST_1)
+    num_workers: int = key(AT_LEAST_0)
     data: Any = MISSING
     model: Any = MISSING
     pool: Any = MISSING
-    optim: Any = MISSING
     nms: Any = MISSING
+    eval_backend: str = key(choices=EVAL_BACKENDS)
+
+
+@dataclass
+class Train(_DetectorCommand):
+    optim: Any = MISSING
     schedule: Schedule = MISSING
-    batch_size: int = key(AT_LEAST_1)
-    num_workers: int = key(AT_LEAST_0)
     eval_every: int = key(AT_LEAST_1)
     checkpoint_every: int = key(AT_LEAST_1)
     amp: bool = MISSING
     augment: Any = None  # None: augment=none
     clip_grad_norm: Optional[float] = key(POSITIVE, default=None)  # null: no clipping
     resume: bool = MISSING
-    run: Optional[str] = None
-    eval_backend: str = key(choices=EVAL_BACKENDS)
 
 
 @dataclass
-class Eval(_Command):
-    device: str = key(choices=DEVICES)
-    run: Optional[str] = None
+class Eval(_DetectorCommand):
     checkpoint: Optional[str] = None
     split: str = key(choices=SPLITS)
-    batch_size: int = key(AT_LEAST_1)
-    num_workers: int = key(AT_LEAST_0)
-    data: Any = MISSING
-    model: Any = MISSING
-    pool: Any = MISSING
-    nms: Any = MISSING
-    eval_backend: str = key(choices=EVAL_BACKENDS)
 
 
 @dataclass
@@ -393,22 +378,14 @@ class NmsAblate(_Command):
     cls_weight: Optional[float] = key(PROBABILITY, default=None)  # null: the model's (recorded with its detections)
     analyses: List[str] = key(choices=ANALYSES)
     max_per_image: int = key(AT_LEAST_1)
+    workers: int = key(AT_LEAST_0)  # processes running the arms; 0: one per available core
     eval_backend: str = key(choices=EVAL_BACKENDS)
 
 
 @dataclass
-class Refine(_Command):
-    device: str = key(choices=DEVICES)
-    run: Optional[str] = None
+class Refine(_DetectorCommand):
     split: str = key(choices=SPLITS)
-    batch_size: int = key(AT_LEAST_1)
-    num_workers: int = key(AT_LEAST_0)
-    data: Any = MISSING
-    model: Any = MISSING
-    pool: Any = MISSING
-    nms: Any = MISSING
     refiner: Any = None
-    eval_backend: str = key(choices=EVAL_BACKENDS)
 
 
 @dataclass
@@ -438,6 +415,10 @@ class Demo(_Command):
     train_overrides: List[str] = MISSING
     nms_ablate_overrides: List[str] = MISSING
     refine_overrides: List[str] = MISSING
+    single_stage_overrides: List[str] = MISSING  # both RetinaNet steps (train-retina, train-iou-retina)
+    retina_overrides: List[str] = MISSING
+    iou_retina_overrides: List[str] = MISSING
+    iou_retina_nms_overrides: List[str] = MISSING
     bench_pool_overrides: List[str] = MISSING
 
 

@@ -22,9 +22,9 @@ def _record(runs, command, overrides):
 
 def _restore(command, run_dir, given=()):
     """`command`'s config with the model/data/pool of the run in `run_dir` restored, as eval and refine do."""
-    from iouctl.cli.app import RESTORED, _restoring
+    from iouctl.engine.inputs import RESTORED, restoring
 
-    extra = _restoring(command, run_dir, RESTORED, list(given))
+    extra = restoring(command, run_dir, RESTORED, list(given))
     return config.compose(command, [*extra, *given], allow_missing=True)
 
 
@@ -85,9 +85,9 @@ def test_the_users_overrides_win(tmp_path):
 def test_an_eval_run_restores_as_its_train_run_did(tmp_path):
     """An eval run records the choices its restore made: a refine of it gets the train run's model again."""
     d = _record(tmp_path, "train", ["model=iou_net", "model.box_score_thresh=0.1", *TINY])
-    from iouctl.cli.app import RESTORED, _restoring
+    from iouctl.engine.inputs import RESTORED, restoring
 
-    extra = _restoring("eval", d, RESTORED, [])
+    extra = restoring("eval", d, RESTORED, [])
     run_experiment("eval", [*extra, f"paths.runs_dir={tmp_path}"], False, lambda cfg, run: None)
     (e,) = (tmp_path / "eval").iterdir()
     assert yaml.safe_load((e / "choices.yaml").read_text())["model"] == "iou_net"

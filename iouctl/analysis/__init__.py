@@ -13,7 +13,7 @@ from iouctl.analysis.coco_eval import (
     fmt_delta,
     summarize_eval,
 )
-from iouctl.analysis.correlation import correlations, matched_correlations, pairwise_iou_xyxy, pearson, true_iou
+from iouctl.analysis.correlation import correlations, matched_correlations, pearson, true_iou
 from iouctl.analysis.groundtruth import BACKENDS, GroundTruth, GroundTruthError, clear_gt_cache, load_gt
 from iouctl.analysis.plots import (
     plot_ap_deltas, plot_ap_vs_threshold, plot_dap_heatmap, plot_iou_before_after, plot_reliability, plot_score_vs_iou,
@@ -48,7 +48,6 @@ __all__ = [
     "evaluate",
     "load_gt",
     "matched_correlations",
-    "pairwise_iou_xyxy",
     "pearson",
     "plot_ap_deltas",
     "plot_ap_vs_threshold",

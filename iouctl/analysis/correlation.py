@@ -12,23 +12,9 @@ from torch import Tensor
 
 from iouctl.analysis.groundtruth import GroundTruth, load_gt
 from iouctl.data.detections import Detections
+from iouctl.ops.boxes import paired_box_iou
 
 _BLOCK = 1 << 16  # detections per block in true_iou
-
-
-def pairwise_iou_xyxy(a: Tensor, b: Tensor) -> Tensor:
-    """Element-wise IoU of boxes a[i] and b[i] (Tensor[P, 4] xyxy each) -> Tensor[P].
-
-    torchvision.ops.box_iou's convention (area = (x2-x1)*(y2-y1), no +1), except a zero union gives 0, not nan.
-    """
-    lt = torch.maximum(a[:, :2], b[:, :2])
-    rb = torch.minimum(a[:, 2:], b[:, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[:, 0] * wh[:, 1]
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a + area_b - inter
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(union))
 
 
 def true_iou(gt: str | os.PathLike | GroundTruth, dets: Detections) -> Tensor:
@@ -61,7 +47,7 @@ def true_iou(gt: str | os.PathLike | GroundTruth, dets: Detections) -> Tensor:
         det_idx = torch.repeat_interleave(torch.arange(len(counts)), counts)
         first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         gt_idx = torch.repeat_interleave(start, counts) + (torch.arange(total) - first)
-        ious = pairwise_iou_xyxy(boxes[lo + det_idx], g.boxes[gt_idx])
+        ious = paired_box_iou(boxes[lo + det_idx], g.boxes[gt_idx])
         out[lo : lo + len(counts)].scatter_reduce_(0, det_idx, ious, reduce="amax", include_self=True)
     return out
 

@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 from iouctl.analysis.groundtruth import GroundTruth, load_gt
-from iouctl.analysis.synthetic import _iou_np
 from iouctl.data.detections import Detections
+from iouctl.ops.boxes import paired_box_iou_np
 
 ERROR_TYPES = ("cls", "loc", "both", "dupe", "bkg", "miss")  # TIDE's order and short names
 SPECIAL_TYPES = ("fp", "fn")
@@ -173,17 +173,13 @@ class _Frame:
         self.c_start, self.c_cnt = self.p_start + (lo_c - lo_i), hi_c - lo_c
         self.p_det = np.repeat(np.arange(n), self.p_cnt)
         self.p_gt = _ranges(lo_i, self.p_cnt)
-        self.p_iou = _iou_np(self.box[self.p_det], self.gbox[self.p_gt])
+        self.p_iou = paired_box_iou_np(self.box[self.p_det], self.gbox[self.p_gt])
         self.p_same = self.gcls[self.p_gt] == self.cls[self.p_det]
         # Crowd regions of the detection's image and class: cocoeval's crowd IoU = intersection / detection area.
         ckeys, cbox = _crowd(g)
         clo, chi = np.searchsorted(ckeys, key, "left"), np.searchsorted(ckeys, key, "right")
         cdet = np.repeat(np.arange(n), chi - clo)
-        cb, db = cbox[_ranges(clo, chi - clo)], self.box[cdet]
-        iw = (np.minimum(cb[:, 2], db[:, 2]) - np.maximum(cb[:, 0], db[:, 0])).clip(min=0)
-        ih = (np.minimum(cb[:, 3], db[:, 3]) - np.maximum(cb[:, 1], db[:, 1])).clip(min=0)
-        area = (db[:, 2] - db[:, 0]) * (db[:, 3] - db[:, 1])
-        crowd_iou = np.divide(iw * ih, area, out=np.zeros_like(area), where=area > 0)
+        crowd_iou = paired_box_iou_np(self.box[cdet], cbox[_ranges(clo, chi - clo)], crowd=True)
         self.crowd_max = np.full(n, -1.0)
         np.maximum.at(self.crowd_max, cdet, crowd_iou)
         self._rank(s[order])

@@ -122,15 +122,37 @@ def oracle_bounds(
     Cost: one NMS run and one evaluation per arm and oracle that applies (arms that never read the IoU skip the
     true-IoU runs).
     """
-    bad = [o for o in oracles if o not in ORACLES]
-    if bad or not oracles:
-        raise ValueError(f"oracle_bounds: unknown oracle(s) {bad}; valid: {list(ORACLES)}")
     g = load_gt(gt)
     named = arms if isinstance(arms, dict) else {a.name: a for a in arms}
     if not named:
         raise ValueError("oracle_bounds: no arms given")
+    inputs = oracle_inputs(g, dets, oracles, fg_iou, true_iou)
+    rows = [oracle_row(g, name, arm, inputs, (predicted or {}).get(name), evaluate_fn)
+            for name, arm in named.items()]
+    return oracle_report(inputs, rows)
+
+
+@dataclass
+class OracleInputs:
+    """The raw detections each oracle hands to the arms, built once for any number of arms (``oracle_inputs``)."""
+
+    oracles: tuple[str, ...]
+    fg_iou: float
+    num_raw: int
+    num_foreground: int
+    dets: dict[str, Detections]  # "predicted" and each oracle that needs its own input -> Detections
+
+
+def oracle_inputs(gt: str | os.PathLike | GroundTruth, dets: Detections, oracles: tuple[str, ...] = ORACLES,
+                  fg_iou: float = 0.5, true_iou: Tensor | None = None) -> OracleInputs:
+    """The oracles' copies of the N raw detections ``dets`` (module docstring); ``true_iou`` (Tensor[N]) as in
+    ``oracle_bounds``."""
+    oracles = tuple(oracles)
+    bad = [o for o in oracles if o not in ORACLES]
+    if bad or not oracles:
+        raise ValueError(f"oracle_bounds: unknown oracle(s) {bad}; valid: {list(ORACLES)}")
+    g = load_gt(gt)
     tiou = _true_iou(g, dets) if true_iou is None else true_iou
-    ev = evaluate_fn or coco_ap
     inputs: dict[str, Detections] = {"predicted": dets}
     if "true_iou" in oracles or "perfect_cls_true_iou" in oracles:
         inputs["true_iou"] = with_true_iou(dets, tiou)
@@ -139,32 +161,42 @@ def oracle_bounds(
         inputs["perfect_cls"] = fg
     if "perfect_cls_true_iou" in oracles:
         inputs["perfect_cls_true_iou"] = with_true_iou(fg, tiou[fg_index.cpu()])
+    return OracleInputs(oracles, float(fg_iou), len(dets), len(fg), inputs)
 
-    rows = []
-    for name, arm in named.items():
-        reads = bool(getattr(arm, "needs_iou", True))
-        ap: dict[str, dict[str, float] | None] = {}
-        kept: dict[str, int | None] = {}
-        for variant in ("predicted", *oracles):
-            d = inputs[variant]
-            if variant == "true_iou" and not reads:
-                ap[variant], kept[variant] = None, None  # the arm never reads ious: identical to predicted
-                continue
-            if variant == "perfect_cls_true_iou" and not reads:
-                ap[variant], kept[variant] = None, None  # identical to perfect_cls
-                continue
-            if reads and d.ious is None:
-                ap[variant], kept[variant] = None, None  # an IoU arm on a model without IoU head
-                continue
-            if variant == "predicted" and predicted is not None and name in predicted:
-                ap[variant], kept[variant] = {k: predicted[name][k] for k in AP_KEYS if k in predicted[name]}, None
-                continue
-            out = arm(d)
-            m = ev(g, out)
-            ap[variant], kept[variant] = {k: m[k] for k in AP_KEYS if k in m}, len(out)
-        headroom = {o: _delta(ap["predicted"], ap[o]) for o in oracles}
-        rows.append(OracleRow(name, reads, ap, headroom, kept))
-    return OracleReport(float(fg_iou), tuple(oracles), len(dets), len(fg), rows)
+
+def oracle_row(gt: str | os.PathLike | GroundTruth, name: str, arm: Any, inputs: OracleInputs,
+               predicted: dict[str, Any] | None = None,
+               evaluate_fn: Callable[[Any, Detections], dict[str, Any]] | None = None) -> OracleRow:
+    """One arm under every oracle of ``inputs``; ``predicted``: its metrics on the real detections, when known."""
+    g = load_gt(gt)
+    ev = evaluate_fn or coco_ap
+    reads = bool(getattr(arm, "needs_iou", True))
+    ap: dict[str, dict[str, float] | None] = {}
+    kept: dict[str, int | None] = {}
+    for variant in ("predicted", *inputs.oracles):
+        d = inputs.dets[variant]
+        if variant == "true_iou" and not reads:
+            ap[variant], kept[variant] = None, None  # the arm never reads ious: identical to predicted
+            continue
+        if variant == "perfect_cls_true_iou" and not reads:
+            ap[variant], kept[variant] = None, None  # identical to perfect_cls
+            continue
+        if reads and d.ious is None:
+            ap[variant], kept[variant] = None, None  # an IoU arm on a model without IoU head
+            continue
+        if variant == "predicted" and predicted is not None:
+            ap[variant], kept[variant] = {k: predicted[k] for k in AP_KEYS if k in predicted}, None
+            continue
+        out = arm(d)
+        m = ev(g, out)
+        ap[variant], kept[variant] = {k: m[k] for k in AP_KEYS if k in m}, len(out)
+    headroom = {o: _delta(ap["predicted"], ap[o]) for o in inputs.oracles}
+    return OracleRow(name, reads, ap, headroom, kept)
+
+
+def oracle_report(inputs: OracleInputs, rows: list[OracleRow]) -> OracleReport:
+    """The report of ``rows`` (``oracle_row`` of each arm, in the order to show) built on ``inputs``."""
+    return OracleReport(inputs.fg_iou, inputs.oracles, inputs.num_raw, inputs.num_foreground, list(rows))
 
 
 def _delta(base: dict[str, float] | None, other: dict[str, float] | None) -> dict[str, float] | None:
@@ -197,5 +229,5 @@ def oracle_markdown(report: OracleReport, keys: tuple[str, ...] = ("AP", "AP75",
     return "\n".join(out) + "\n"
 
 
-__all__ = ["ORACLES", "OracleReport", "OracleRow", "oracle_bounds", "oracle_markdown", "perfect_classification",
-           "with_true_iou"]
+__all__ = ["ORACLES", "OracleInputs", "OracleReport", "OracleRow", "oracle_bounds", "oracle_inputs", "oracle_markdown",
+           "oracle_report", "oracle_row", "perfect_classification", "with_true_iou"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import re
 import sys
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, List, Optional
 
 import typer
@@ -20,6 +20,7 @@ except ImportError:
 from rich.console import Console
 from rich.markup import escape
 
+from iouctl.engine import compose as engine_compose, experiment as engine_experiment
 from iouctl.errors import IouctlError
 
 # Piped or captured output gets 120 columns rather than rich's 80, so result tables stay readable in logs.
@@ -124,98 +125,15 @@ def user_errors(run_dir: Any = None) -> Iterator[None]:
         raise
 
 
-def compose(command: str, overrides: Optional[List[str]], allow_missing: bool = False,
-            choices: Optional[dict] = None) -> Any:
-    """The command's config; values the schema cannot type (model sizes: a number, a list or `auto`) are checked
-    here too, so that a bad one is refused before a run directory or the data is touched. choices: filled with the
-    option chosen in each config group (config.compose), which the run records."""
-    from iouctl import config
-
-    _check_override_keys(overrides or [])
-    cfg = config.compose(command, overrides or [], allow_missing=allow_missing, choices=choices)
-    inference = _model_inference(cfg, overrides or [])
-    if inference:
-        cfg = config.compose(command, [*inference, *(overrides or [])], allow_missing=allow_missing, choices=choices)
-    if not allow_missing and "model" in cfg:
-        from iouctl.engine.sizes import check_model_sizes
-
-        check_model_sizes(cfg.model)
-    if not allow_missing and "grid" in cfg:
-        config.grid_arms(cfg)  # a bad arm is refused before a run directory is made
-    return cfg
-
-
-def _model_inference(cfg: Any, overrides: List[str]) -> List[str]:
-    """The model's own post-processing (nms overrides such as [nms=greedy, nms.score=fused]) for a command that
-    composes a model and an NMS, unless the user chose the NMS (nms=...): applied before the user's overrides, so
-    nms.iou_threshold=0.6 still refines it."""
-    if "model" not in cfg or "nms" not in cfg or any(o.split("=", 1)[0].lstrip("+~") == "nms" for o in overrides):
-        return []
-    return own_inference(cfg.model)
-
-
-def own_inference(model_cfg: Any) -> List[str]:
-    """`model.inference` when given, else (null) the paper's of its quality head (iouctl.models.contract): a RetinaNet
-    with model.quality=qfl ranks by cls, with model.quality=iou by the fused score."""
-    from omegaconf import OmegaConf
-
-    if "inference" not in model_cfg or OmegaConf.is_missing(model_cfg, "inference"):
-        return []
-    if model_cfg.inference is None:
-        if "quality" not in model_cfg:
-            return []
-        from iouctl.models.contract import QUALITY_HEADS
-
-        return list(QUALITY_HEADS[model_cfg.quality].inference)
-    from iouctl.errors import ConfigError
-
-    inference = [str(o) for o in model_cfg.inference]
-    bad = [o for o in inference if not o.startswith(("nms=", "nms."))]
-    if bad:
-        raise ConfigError(f"model.inference holds {bad[0]!r}; valid: nms overrides only, e.g. "
-                          f"[nms=greedy, nms.score=fused] (options: {', '.join(_group_options('nms'))})")
-    return inference
-
-
-def _group_options(group: str) -> List[str]:
-    from iouctl.config import group_options
-
-    return group_options(group)
-
-
-def inference_note(cfg: Any, overrides: List[str]) -> Optional[str]:
-    """For a command that evaluates a model: which post-processing it uses and why (printed at the start)."""
-    if "model" not in cfg or "nms" not in cfg or "inference" not in cfg.model:
-        return None
-    own = " ".join(own_inference(cfg.model))
-    if _model_inference(cfg, overrides):
-        return f"inference: {own} (the model's own: model.inference)"
-    given = " ".join(o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] == "nms")
-    return f"inference: {given} (given; the model's own: {own})"
-
-
-def _check_override_keys(overrides: List[str]) -> None:
-    """Keys Hydra cannot take: none at all (`=5`), or one too long for a file name (Hydra looks keys up as files)."""
-    from iouctl.errors import ConfigError
-
-    for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~") if "=" in o else None
-        if key == "":
-            raise ConfigError(f"override {o!r} has no key: use key=value, group=option, +new_key=value or ~key")
-        if key is not None and len(key) > 200:
-            raise ConfigError(f"unknown config key {key[:40] + '...'!r} ({len(key)} characters)")
-
-
-# A run folder is <YYYY-mm-dd_HH-MM-SS>_<name>[-N]; most file systems allow 255 bytes per name.
-MAX_NAME_BYTES = 255 - len("2000-01-01_00-00-00_") - len("-999")
-
-
-def check_run_name(name: str) -> None:
-    from iouctl.errors import ConfigError
-
-    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
-        raise ConfigError(f"name={name[:40]}... is {len(name.encode('utf-8'))} bytes; it names the run folder, "
-                          f"which allows at most {MAX_NAME_BYTES}")
+# A command's config is composed as the engine composes it (iouctl.engine.compose): the model's own inference, the
+# checks the schema cannot make; the run folder's name is checked as the engine opens it.
+compose = engine_compose.compose
+own_inference = engine_compose.own_inference
+_model_inference = engine_compose.model_inference
+inference_note = engine_compose.inference_note
+_check_override_keys = engine_compose.check_override_keys
+MAX_NAME_BYTES = engine_experiment.MAX_NAME_BYTES
+check_run_name = engine_experiment.check_run_name
 
 
 def print_config(cfg: Any) -> None:
@@ -230,7 +148,8 @@ def print_config(cfg: Any) -> None:
 
 def run_experiment(command: str, overrides: Optional[List[str]], print_cfg: bool,
                    body: Callable[[Any, Any], Any], extra_overrides: Optional[List[str]] = None) -> Any:
-    """Compose `command`'s config, open its run directory, call `body(cfg, run)`; errors become one line."""
+    """Compose `command`'s config, open its run directory, call `body(cfg, run)` (one engine function); errors
+    become one line."""
     overrides = list(extra_overrides or []) + list(overrides or [])
     current: dict[str, Any] = {}
     with user_errors(lambda: current.get("dir")):
@@ -239,37 +158,12 @@ def run_experiment(command: str, overrides: Optional[List[str]], print_cfg: bool
         if print_cfg:
             print_config(cfg)
             return None
-        from iouctl import config
         from iouctl.engine.distributed import rank
-        from iouctl.runs import open_run
 
-        check_run_name(str(cfg.name))
-        logger = config.instantiate(cfg.logger)
-        runs_dir = str(cfg.paths.runs_dir)
-        if rank() > 0:  # torchrun: rank 0 owns the run directory and the logger
-            import tempfile
-
-            from iouctl.loggers import NullLogger
-
-            runs_dir, logger = tempfile.mkdtemp(prefix=f"iouctl-rank{rank()}-"), NullLogger()
-        with ExitStack() as stack:
-            try:
-                run = stack.enter_context(open_run(command, str(cfg.name), runs_dir, config.to_yaml(cfg), overrides,
-                                                   config=config.to_dict(cfg), logger=logger, console=err_console,
-                                                   choices=choices))
-            except OSError as e:  # a runs folder that is a file, read-only, full ...
-                raise IouctlError(f"cannot create a run folder in paths.runs_dir={runs_dir}: {e.strerror}"
-                                  + (f" ({e.filename})" if e.filename else "")) from None
+        with engine_experiment.open_command_run(command, cfg, overrides, choices, err_console) as run:
             current["dir"] = run.dir
-            run.console.print(f"[bold]iouctl {command}[/] -> {escape(str(run.dir))}")
-            note = inference_note(cfg, overrides)
-            if note:
-                run.console.print(escape(note))
             result = body(cfg, run)
-        if runs_dir != str(cfg.paths.runs_dir):  # a non-zero rank's scratch run
-            import shutil
-
-            shutil.rmtree(runs_dir, ignore_errors=True)
+        if rank() > 0:  # a non-zero rank's scratch run, removed
             return result
         err_console.print(f"[green]done[/]: {escape(str(run.dir))}")
         return result

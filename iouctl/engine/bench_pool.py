@@ -314,3 +314,9 @@ def bench_pool(cfg, run) -> list[dict]:
         roi_sizes=list(cfg.roi_sizes), repeats=int(cfg.repeats), warmup=int(cfg.warmup), threads=cfg.threads,
         seed=int(cfg.seed),
     )
+
+
+def run(cfg, run) -> list[dict]:
+    """`iouctl bench-pool` on a composed config (conf/bench_pool.yaml) in an open run: one row per op, device, phase,
+    RoI count and size (iouctl.engine.bench_pool.run_bench_pool)."""
+    return bench_pool(cfg, run)

@@ -1,7 +1,8 @@
 """torchrun / DistributedDataParallel plumbing: one process per GPU (or CPU process with gloo), rank 0 logs and saves.
 
 `torchrun --nproc_per_node=K -m iouctl train ...` sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; multi-node runs use
-torchrun's rendezvous the same way. Without those variables everything here is a no-op. This module is the only
+torchrun's rendezvous the same way. Without those variables everything here is a no-op; with them (even
+--nproc_per_node=1) training runs in DistributedDataParallel. This module is the only
 reader of those variables; torch is imported by the functions that need it, so the CLI asks for the rank cheaply.
 """
 from __future__ import annotations
@@ -14,6 +15,12 @@ from typing import Any
 # to an hour, past nccl's own timeout (10 minutes), so they wait on a CPU (gloo) group of their own.
 WAIT_TIMEOUT = datetime.timedelta(hours=3)
 _wait_group: Any = None
+
+
+def launched() -> bool:
+    """Whether torchrun started this process: then training runs in DistributedDataParallel even as one process (a
+    1-process torchrun exercises the same nccl/gloo path as K processes)."""
+    return "WORLD_SIZE" in os.environ
 
 
 def world_size() -> int:
@@ -33,15 +40,19 @@ def init(device_type: str) -> None:
     """Join the process group torchrun describes (nccl on GPUs, gloo on CPU), once."""
     import torch.distributed as torch_dist
 
-    if world_size() > 1 and not torch_dist.is_initialized():
+    global _wait_group
+    if launched() and not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        # new_group is collective: made here, while every rank is in step, not at the first barrier, where the
+        # others would wait inside it (under the store's default timeout) for rank 0's whole first evaluation
+        _wait_group = torch_dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
 
 
 def device_for(device: Any) -> Any:
     """Under torchrun each process takes the GPU of its local rank (device: a torch.device)."""
     import torch
 
-    if device.type == "cuda" and world_size() > 1:
+    if device.type == "cuda" and launched():
         torch.cuda.set_device(local_rank())
         return torch.device("cuda", local_rank())
     return device
@@ -51,7 +62,7 @@ def wrap(model: Any, device: Any) -> Any:
     """`model` (an nn.Module on `device`) in DistributedDataParallel under torchrun, else itself."""
     import torch
 
-    if world_size() <= 1:
+    if not launched():
         return model
     init(device.type)
     ids = [device.index] if device.type == "cuda" else None
@@ -67,9 +78,7 @@ def barrier() -> None:
 
     if not (torch_dist.is_available() and torch_dist.is_initialized()):
         return
-    if _wait_group is None:  # new_group is collective: every rank creates it at the same (first) barrier
-        _wait_group = torch_dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
-    torch_dist.barrier(group=_wait_group)
+    torch_dist.barrier(group=_wait_group)  # the group init() made; None (a group made elsewhere): the default one
 
 
 def shutdown() -> None:

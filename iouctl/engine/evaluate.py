@@ -76,3 +76,19 @@ def evaluate_detections(run: Any, dets: Detections, gt: Any, nms: Any, backend: 
         run.console.print(f"errors at IoU {e.iou_threshold:g} (dAP if fixed): " + ", ".join(
             f"{k} {100 * v:+.1f}" for k, v in e.dap.items() if v == v))
     return result
+
+
+def run(cfg: Any, run: Any, checkpoint: Any = None) -> dict:
+    """`iouctl eval` on a composed config (conf/eval.yaml, with the model/data/pool of the train run evaluated) in an
+    open run: the weights of `checkpoint` (None: checkpoint=<file>, or run=<dir> / the newest train run's last one,
+    iouctl.engine.inputs.eval_checkpoint), inference on cfg.split, the configured NMS, AP and correlations."""
+    from iouctl.engine.build import detector_setup, load_weights
+    from iouctl.engine.inputs import eval_checkpoint
+    from iouctl.runs import write_source
+
+    if checkpoint is None:
+        checkpoint = eval_checkpoint(cfg)
+    setup = detector_setup(cfg, run)
+    state = load_weights(setup.model, checkpoint, cfg.model)
+    write_source(run, checkpoint)  # what refine run=<this> reads
+    return setup.evaluate(step=int(state.get("iteration", 0)), split=str(cfg.split))

@@ -1,10 +1,17 @@
 """`iouctl nms-ablate`: NMS arms on cached raw detections, AP at strict IoU thresholds and score-vs-IoU correlations;
-per arm, TIDE's error breakdown and the calibration of its scores; for the grid, oracle bounds."""
+per arm, TIDE's error breakdown and the calibration of its scores; for the grid, oracle bounds.
+
+The arms are independent: with ``workers`` > 1 they run in forked worker processes (one arm per task; the raw
+detections, ground truth, true IoUs and oracle inputs are built once, before the fork, and shared copy-on-write),
+and their results come back in the grid's order, equal to the serial run's."""
 from __future__ import annotations
 
 import csv
 import io
+import os
+import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +20,25 @@ from rich.markup import escape
 
 from iouctl.analysis import (
     AP_KEYS, TABLE_KEYS, analyze_arm, ap_deltas, calibration_markdown, correlations, errors_markdown, evaluate, fmt_ap,
-    fmt_delta, matched_correlations, oracle_bounds, oracle_markdown, plot_ap_vs_threshold, plot_dap_heatmap,
-    plot_reliability, plot_score_vs_iou, plot_tide_errors, synthesize_detections, true_iou,
+    fmt_delta, matched_correlations, oracle_markdown, plot_ap_vs_threshold, plot_dap_heatmap, plot_reliability,
+    plot_score_vs_iou, plot_tide_errors, synthesize_detections, true_iou,
 )
 from iouctl.analysis.errors import to_jsonable
+from iouctl.analysis.oracle import OracleInputs, oracle_inputs, oracle_report, oracle_row
 from iouctl.data.detections import Detections
 from iouctl.engine.prepare import check_detections_data, dataset_record, ground_truth, prepare_dataset
 from iouctl.errors import IouctlError
-from iouctl.postprocess.suppression import all_scores
+from iouctl.postprocess.suppression import all_scores, group_ids
+
+ARM_PHASES = ("nms", "evaluate", "analyses", "oracle")  # what each arm's task times (results.json "phases")
 
 
 def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, grid: list, detections: Path | None) -> dict:
     """Every arm of `grid` (NMS objects, see iouctl.postprocess.suppression) against `baseline` on the raw detections
     file `detections` (None: synthesize them from the ground truth of `data`). `cfg` holds the plain settings of
-    conf/nms_ablate.yaml; `cfg.cls_weight`, when set, replaces the model's a in the fused score."""
+    conf/nms_ablate.yaml; `cfg.cls_weight`, when set, replaces the model's a in the fused score; `cfg.workers`
+    processes run the arms (0: one per available core)."""
+    clock = _Clock()
     with run.progress(transient=True) as progress:
         prepare_dataset(data, progress, read_pixels=False)
     gt = ground_truth(data, cfg.split)
@@ -60,6 +72,7 @@ def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, grid: list, detecti
         if len(arms) == 1 and any(a.needs_iou for a in grid):
             raise IouctlError("every selected arm needs predicted IoUs, but these detections come from a model "
                               "without an IoU head; use detections of iou_retina/iou_net or --score cls")
+    clock.phase("load")
 
     # Correlations of each score with the true IoU, before NMS.
     tiou = true_iou(gt, dets)
@@ -68,52 +81,47 @@ def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, grid: list, detecti
     matched = matched_correlations(tiou, raw_scores)  # IoU-Net's Fig. 2 protocol
     for name, c in matched.items():
         corr_before[name]["pearson_iou>0.5"] = c["pearson"]
+    clock.phase("true_iou")
 
-    rows, curves, errors, calibration, predicted = [], {}, {}, {}, {}
-    base_metrics = None
     t0 = time.perf_counter()
+    shared = _Shared(gt, dets, tiou, raw_scores.get("fused"), list(arms), list(names), set(cfg.analyses),
+                     str(cfg.eval_backend), None)
+    _warm(shared)
+    clock.phase("shared")
+    workers = _workers(cfg, len(arms))
+    results = []
     with run.progress() as progress:
-        task = progress.add_task("NMS arms", total=len(arms))
-        for name, arm in zip(names, arms):
-            t_arm = time.perf_counter()
-            kept = arm.keep(dets)
-            out = kept.apply(dets)
-            metrics = evaluate(gt, out, backend=cfg.eval_backend)
-            base_metrics = base_metrics or metrics
-            after_scores = {"cls": dets.scores[kept.index], "reported": kept.scores}
-            if dets.has_ious:
-                after_scores["iou"] = dets.ious[kept.index]
-            # true IoU of the kept boxes as reported: recomputed where the arm moved them (box voting, fusion)
-            moved = not torch.equal(out.boxes, dets.boxes[kept.index])
-            tiou_out = true_iou(gt, out) if moved else tiou[kept.index]
-            corr_after = correlations(tiou_out, after_scores)
-            if {"errors", "calibration"} & set(cfg.analyses):
-                scored = dict(after_scores, fused=all_scores(dets)["fused"][kept.index]) if dets.has_ious \
-                    else after_scores
-                found = analyze_arm(gt, out, scored, true_iou=tiou_out)
-                errors[name], calibration[name] = found["errors"], found["calibration"]
-            predicted[name] = metrics
-            deltas = ap_deltas(base_metrics, metrics)
-            row = {"arm": name, "kept": int(len(kept.index)), **{k: metrics[k] for k in AP_KEYS},
-                   **{f"d{k}": deltas[k] for k in TABLE_KEYS},
-                   **{f"{m}_{k}_after": v[m] for k, v in corr_after.items() for m in ("pearson", "spearman", "kendall")},
-                   "seconds": time.perf_counter() - t_arm}
-            rows.append(row)
-            curves[name] = metrics["ap_per_threshold"]
-            run.log({f"{name}/{k}": row[k] for k in ("AP", "AP50", "AP75", "AP90", "dAP", "dAP90")})
+        task = progress.add_task("NMS arms" + (f" ({workers} processes)" if workers > 1 else ""), total=len(arms))
+        for res in _run_arms(shared, workers):
+            results.append(res)
             progress.advance(task)
-    oracle = None
-    if "oracle" in cfg.analyses:
-        with run.progress(transient=True) as progress:
-            progress.add_task("oracle bounds", total=None)
-            oracle = oracle_bounds(gt, dets, dict(zip(names, arms)), true_iou=tiou, predicted=predicted)
+    clock.phase("arms")
+    results.sort(key=lambda r: r["i"])
+
+    rows, curves, errors, calibration = [], {}, {}, {}
+    base_metrics = results[0]["metrics"]
+    for name, res in zip(names, results):
+        metrics = res["metrics"]
+        deltas = ap_deltas(base_metrics, metrics)
+        row = {"arm": name, "kept": res["kept"], **{k: metrics[k] for k in AP_KEYS},
+               **{f"d{k}": deltas[k] for k in TABLE_KEYS},
+               **{f"{m}_{k}_after": v[m] for k, v in res["corr_after"].items()
+                  for m in ("pearson", "spearman", "kendall")},
+               "seconds": res["seconds"]}
+        rows.append(row)
+        curves[name] = metrics["ap_per_threshold"]
+        if "errors" in res:
+            errors[name], calibration[name] = res["errors"], res["calibration"]
+        run.log({f"{name}/{k}": row[k] for k in ("AP", "AP50", "AP75", "AP90", "dAP", "dAP90")})
+    oracle = oracle_report(shared.oracle, [r["oracle"] for r in results]) if shared.oracle is not None else None
     elapsed = time.perf_counter() - t0
 
     summary = {"source": source, "baseline": base_name, "num_detections": len(dets), "arms": rows,
                "correlation_before_nms": corr_before, "ap_per_threshold": curves, "seconds": elapsed,
                "errors": to_jsonable({n: [e.to_dict() for e in es] for n, es in errors.items()}) if errors else None,
                "calibration": to_jsonable(calibration) if calibration else None,
-               "oracle": to_jsonable(oracle.to_dict()) if oracle is not None else None}
+               "oracle": to_jsonable(oracle.to_dict()) if oracle is not None else None,
+               "workers": workers, "phases": None}
     _write_outputs(run, rows, summary, corr_before)
     analyses_md = []
     if errors and "errors" in cfg.analyses:
@@ -145,8 +153,150 @@ def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, grid: list, detecti
     run.log_image("plots/ap_vs_iou_threshold", ap_png)
     run.log_image("plots/score_vs_true_iou", sc_png)
     run.log({f"corr_before/{s}/{m}": v for s, c in corr_before.items() for m, v in c.items()})
+    clock.phase("outputs")
+    summary["phases"] = clock.report(results)
+    run.write_json("results.json", summary)  # again, with the timing of the outputs
     _print(run, rows, corr_before, base_name, elapsed)
     return summary
+
+
+# ------------------------------------------------------------------------------------------------ the arms' tasks
+@dataclass
+class _Shared:
+    """What every arm's task reads; built once and inherited by forked workers (never pickled)."""
+
+    gt: Any
+    dets: Detections
+    tiou: torch.Tensor               # float64 [N] true IoU of each raw detection
+    fused: torch.Tensor | None       # [N] fused score of each raw detection (None without predicted IoUs)
+    arms: list
+    names: list[str]
+    analyses: set[str]
+    eval_backend: str
+    oracle: OracleInputs | None
+
+
+_SHARED: _Shared | None = None  # the workers' view of it (set before the fork)
+
+
+def _warm(shared: _Shared) -> None:
+    """Build once, before any fork, what every arm would otherwise build for itself: the (image, class) groups of
+    the raw detections and of each oracle's copy, the evaluation backend's index of the ground truth, the oracle
+    inputs."""
+    if "oracle" in shared.analyses:
+        shared.oracle = oracle_inputs(shared.gt, shared.dets, true_iou=shared.tiou)
+        for d in shared.oracle.dets.values():
+            group_ids(d)
+    group_ids(shared.dets)
+    shared.gt.coco(shared.eval_backend)
+
+
+def _workers(cfg: Any, num_arms: int) -> int:
+    w = int(cfg.workers)
+    if w == 0:
+        w = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(w, num_arms))
+
+
+def _run_arms(shared: _Shared, workers: int):
+    """Yield each arm's result (``_arm``) as it completes: in this process, or in `workers` forked processes."""
+    global _SHARED
+    _SHARED = shared
+    try:
+        if workers == 1:
+            for i in range(len(shared.arms)):
+                yield _arm(i)
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # fork: the workers inherit _SHARED without a copy; one thread each, the cores are the processes'
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            futures = [pool.submit(_arm, i) for i in range(len(shared.arms))]
+            try:
+                for f in as_completed(futures):
+                    yield f.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # an arm failed (or ^C): do not run the rest first
+                raise
+    finally:
+        _SHARED = None
+
+
+def _arm(i: int) -> dict:
+    """Arm i of the shared grid: NMS, evaluation, correlations after NMS, errors/calibration and the oracle runs
+    (as the analyses ask). Returns plain, picklable results with the time of each phase."""
+    sh = _SHARED
+    arm, dets = sh.arms[i], sh.dets
+    times: dict[str, list[float]] = {}
+    t = (time.perf_counter(), time.process_time())
+
+    def lap(phase: str) -> None:
+        nonlocal t
+        now = (time.perf_counter(), time.process_time())
+        times[phase] = [now[0] - t[0], now[1] - t[1]]
+        t = now
+
+    kept = arm.keep(dets)
+    out = kept.apply(dets)
+    lap("nms")
+    metrics = evaluate(sh.gt, out, backend=sh.eval_backend)
+    lap("evaluate")
+    after_scores = {"cls": dets.scores[kept.index], "reported": kept.scores}
+    if dets.has_ious:
+        after_scores["iou"] = dets.ious[kept.index]
+    # true IoU of the kept boxes as reported: recomputed where the arm moved them (box voting, fusion)
+    moved = not torch.equal(out.boxes, dets.boxes[kept.index])
+    tiou_out = true_iou(sh.gt, out) if moved else sh.tiou[kept.index]
+    res = {"i": i, "kept": int(len(kept.index)), "metrics": metrics, "corr_after": correlations(tiou_out, after_scores)}
+    if {"errors", "calibration"} & sh.analyses:
+        scored = dict(after_scores, fused=sh.fused[kept.index]) if sh.fused is not None else after_scores
+        found = analyze_arm(sh.gt, out, scored, true_iou=tiou_out)
+        res["errors"], res["calibration"] = found["errors"], found["calibration"]
+    lap("analyses")
+    res["seconds"] = sum(w for w, _ in times.values())  # the arm without its oracle runs
+    if sh.oracle is not None:
+        res["oracle"] = oracle_row(sh.gt, sh.names[i], arm, sh.oracle, predicted=metrics)
+    lap("oracle")
+    res["times"] = times
+    res["peak_rss_mib"] = _peak_rss_mib()
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------ timing
+def _peak_rss_mib() -> float:
+    """This process's peak resident set (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Clock:
+    """Wall and CPU seconds (this process and its finished children) of the command's phases."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, dict[str, float]] = {}
+        self.t = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.perf_counter(), own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def phase(self, name: str) -> None:
+        now = self._now()
+        self.phases[name] = {"wall_s": now[0] - self.t[0], "cpu_s": now[1] - self.t[1],
+                             "peak_rss_mib": _peak_rss_mib(), "end_unix": time.time()}
+        self.t = now
+
+    def report(self, results: list[dict]) -> dict:
+        """The phases, and inside "arms" each task phase summed over the arms (wall: as if serial) with the largest
+        worker peak RSS."""
+        per = {p: {"wall_s": sum(r["times"][p][0] for r in results), "cpu_s": sum(r["times"][p][1] for r in results)}
+               for p in ARM_PHASES}
+        out = dict(self.phases)
+        out["arms"] = dict(out["arms"], per_arm_phase=per,
+                           worker_peak_rss_mib=max((r["peak_rss_mib"] for r in results), default=0.0))
+        return to_jsonable(out)
 
 
 def unique_names(arms: list) -> list[str]:
@@ -210,3 +360,18 @@ def _print(run: Any, rows: list[dict], corr_before: dict, base_name: str, elapse
         ct.add_row(s, *(f"{c[k]:.3f}" for k in ("pearson", "spearman", "kendall", "pearson_iou>0.5")))
     run.console.print(ct)
     run.console.print(f"{len(rows)} arms in {elapsed:.1f} s; files: results.csv, results.md, results.json, plots/")
+
+
+def run(cfg: Any, run: Any, detections: Path | None = None) -> dict:
+    """`iouctl nms-ablate` on a composed config (conf/nms_ablate.yaml) in an open run: the baseline `cfg.nms` and
+    every arm of the grid on `detections` (None: run=<dir> or the newest eval/train run's,
+    iouctl.engine.inputs.ablation_detections; with synthetic=true, detections synthesized from the ground truth)."""
+    from iouctl import config
+    from iouctl.engine.inputs import ablation_detections
+
+    if cfg.synthetic:
+        detections = None
+    elif detections is None:
+        detections = ablation_detections(cfg)
+    grid = [config.instantiate(arm) for arm in config.grid_arms(cfg)]
+    return nms_ablate(cfg, run, config.instantiate(cfg.data), config.instantiate(cfg.nms), grid, detections)

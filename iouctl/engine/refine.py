@@ -9,7 +9,11 @@ import torch
 from rich.markup import escape
 from torchvision.models.detection.transform import resize_boxes
 
-from iouctl.analysis import AP_KEYS, TABLE_KEYS, ap_deltas, evaluate, fmt_ap, fmt_delta, plot_iou_before_after, true_iou
+from iouctl.analysis import (
+    AP_KEYS, ERROR_TYPES, TABLE_KEYS, ap_deltas, error_breakdown, errors_markdown, evaluate, fmt_ap, fmt_delta,
+    plot_iou_before_after, true_iou,
+)
+from iouctl.analysis.errors import to_jsonable
 from iouctl.data.detections import Detections, rank_per_image
 from iouctl.engine.prepare import check_detections_data, ground_truth
 from iouctl.errors import IouctlError
@@ -17,15 +21,19 @@ from iouctl.postprocess.refine import IoURefiner
 
 
 # ------------------------------------------------------------------------------------------ which run to refine
-def box_differentiable(model_cfg: dict) -> bool:
-    """Whether a model config has an IoU head whose prediction is differentiable in the box (IoU-Net's, on pooled
-    features); the IoU-aware RetinaNet's IoU belongs to an anchor, not to a box."""
+def box_differentiable(model_cfg: dict, detector: dict | None = None) -> bool:
+    """Whether a model has an IoU head whose prediction is differentiable in the box (IoU-Net's, on pooled features);
+    the IoU-aware RetinaNet's IoU belongs to an anchor, not to a box. `detector`: the contract its run recorded
+    (meta["detector"], iouctl.models.contract.describe), which decides; runs made before it was recorded are judged
+    by their model config."""
+    if isinstance(detector, dict) and "box_differentiable_iou" in detector:
+        return bool(detector["box_differentiable_iou"])
     return str(model_cfg.get("_target_", "")).endswith("rcnn.faster_rcnn") and bool(model_cfg.get("iou_head"))
 
 
-def refinable(run_config: dict) -> bool:
-    """Whether a run's config.yaml describes a model refine can use."""
-    return box_differentiable(run_config.get("model") or {})
+def refinable(run_config: dict, meta: dict | None = None) -> bool:
+    """Whether a run (its config.yaml and meta.json) describes a model refine can use."""
+    return box_differentiable(run_config.get("model") or {}, (meta or {}).get("detector"))
 
 
 # How refine looks for its run (iouctl.runs.find_model_run): which runs serve, and what to say when none does.
@@ -33,11 +41,11 @@ FIND_REFINABLE = {"usable": refinable, "wanted": "of a model with a box-differen
                   "hint": "train one (iouctl train model=iou_net) or pass run=<dir>"}
 
 
-def check_refinable(run_dir: Path, trained: dict) -> None:
-    """One line (IouctlError) when the model of `trained` (the config.yaml of the train run behind `run_dir`) has no
-    box-differentiable IoU head."""
+def check_refinable(run_dir: Path, trained: dict, detector: dict | None = None) -> None:
+    """One line (IouctlError) when the model of `trained` (the config.yaml of the train run behind `run_dir`; its
+    recorded contract `detector` when there is one) has no box-differentiable IoU head."""
     model = trained.get("model") or {}
-    if not box_differentiable(model):
+    if not box_differentiable(model, detector):
         name = str(model.get("_target_", "?")).rsplit(".", 1)[-1]
         raise IouctlError(f"run={run_dir}: its model ({name}, iou_head={model.get('iou_head')}) has no "
                           f"box-differentiable IoU head; refinement needs model=iou_net (IoU head on PrRoI features)")
@@ -159,6 +167,9 @@ def refine(cfg: Any, run: Any, data: Any, model: Any, refiner: IoURefiner | None
     m_before = evaluate(gt, before, backend=str(cfg.eval_backend))
     m_after = evaluate(gt, after, backend=str(cfg.eval_backend))
     deltas = ap_deltas(m_before, m_after)
+    # TIDE's breakdown of the same detections before and after: refinement should turn localization errors into hits
+    errors = {when: [e.to_dict() for e in error_breakdown(gt, d, ERROR_IOUS)] for when, d in (("before", before),
+                                                                                         ("after", after))}
     moved = rows if refiner is not None else torch.zeros(0, dtype=torch.int64)
     t_before = true_iou(gt, before.select(moved))
     t_after = true_iou(gt, after.select(moved))
@@ -181,12 +192,15 @@ def refine(cfg: Any, run: Any, data: Any, model: Any, refiner: IoURefiner | None
         "share_improved": mean((diff > 1e-6).double()), "share_worse": mean((diff < -1e-6).double()),
         "mean_steps": mean(res["steps"][moved].double()), "iterations_per_batch": res["iterations"],
         "ms_per_image": 1000 * res["seconds"] / max(1, res["images"]),
+        "errors": to_jsonable(errors),
     }
     run.write_json("refine.json", summary)
     png = plot_iou_before_after(t_before, t_after, run.path("plots", "true_iou_before_after.png"))["path"]
     run.log_image("plots/true_iou_before_after", png)
     run.log({**{f"before/{k}": m_before[k] for k in AP_KEYS}, **{f"after/{k}": m_after[k] for k in AP_KEYS},
-             **{k: v for k, v in summary.items() if isinstance(v, float)}})
+             **{k: v for k, v in summary.items() if isinstance(v, float)},
+             **{f"errors/{when}/{e['iou_threshold']:g}/{what}{k}": v for when, es in errors.items() for e in es
+                for what, part in (("d", e["dap"]), ("n_", e["counts"])) for k, v in part.items()}})
     cols = ["", *TABLE_KEYS]
     table = [["before", *(m_before[k] for k in TABLE_KEYS)], ["after", *(m_after[k] for k in TABLE_KEYS)],
              ["delta", *(deltas[k] for k in TABLE_KEYS)]]
@@ -194,6 +208,25 @@ def refine(cfg: Any, run: Any, data: Any, model: Any, refiner: IoURefiner | None
     run.write_text("results.md", "\n".join(markdown(summary)) + "\n")
     _print(run, cols, table, summary)
     return summary
+
+
+ERROR_IOUS = (0.5, 0.75)  # TIDE's foreground thresholds shown by refine (as nms-ablate)
+
+
+def _error_lines(s: dict) -> list[str]:
+    """One line per threshold: localization errors and their dAP before -> after (summaries without errors: none)."""
+    errors = s.get("errors") or {}
+    out = []
+    for b, a in zip(errors.get("before", []), errors.get("after", [])):
+        out.append(f"TIDE at IoU {b['iou_threshold']:g}: localization errors {b['counts']['loc']} -> "
+                   f"{a['counts']['loc']} (dAP {_pts(b['dap']['loc'])} -> {_pts(a['dap']['loc'])}), duplicates "
+                   f"{b['counts']['dupe']} -> {a['counts']['dupe']}, missed {b['counts']['miss']} -> "
+                   f"{a['counts']['miss']}")
+    return out
+
+
+def _pts(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
 
 
 def _lines(s: dict) -> list[str]:
@@ -207,6 +240,7 @@ def _lines(s: dict) -> list[str]:
         f"true IoU improved for {100 * s['share_improved']:.1f}% of the boxes, worse for "
         f"{100 * s['share_worse']:.1f}%; mean accepted steps {s['mean_steps']:.2f}",
         f"time: {s['ms_per_image']:.1f} ms per image (features + refinement)",
+        *_error_lines(s),
     ]
 
 
@@ -220,7 +254,10 @@ def markdown(s: dict) -> list[str]:
     md = ["| | " + " | ".join(TABLE_KEYS) + " |", "|---|" + "---|" * len(TABLE_KEYS)]
     for row, key in (("before", "ap_before"), ("after", "ap_after"), ("delta", "ap_delta")):
         md.append(f"| {row} | " + " | ".join(_cell(row, s[key][k]) for k in TABLE_KEYS) + " |")
-    return md + [""] + [f"- {line}" for line in _lines(s)]
+    md += [""] + [f"- {line}" for line in _lines(s)]
+    if s.get("errors"):
+        md += ["", *errors_markdown(dict(s["errors"])).rstrip("\n").split("\n")]
+    return md
 
 
 def _print(run: Any, cols: list[str], table: list[list[Any]], summary: dict) -> None:
@@ -235,4 +272,32 @@ def _print(run: Any, cols: list[str], table: list[list[Any]], summary: dict) -> 
     run.console.print(t)
     for line in _lines(summary):
         run.console.print(escape(line))
+    if summary.get("errors"):
+        et = Table(title="TIDE errors: AP points gained by fixing each type alone (count)", box=box.SIMPLE_HEAD,
+                   pad_edge=False)
+        for c in ("", "IoU", "AP", *ERROR_TYPES):
+            et.add_column(c, justify="left" if not c else "right", no_wrap=True)
+        for when, es in summary["errors"].items():
+            for e in es:
+                et.add_row(when, f"{e['iou_threshold']:g}", fmt_ap(e["ap"]),
+                           *(f"{_pts(e['dap'][k])} ({e['counts'][k]})" for k in ERROR_TYPES))
+        run.console.print(et)
     run.console.print("files: refine.json, results.md, detections/refined_*.npz, plots/true_iou_before_after.png")
+
+
+def run(cfg: Any, run: Any, source: Any = None) -> dict:
+    """`iouctl refine` on a composed config (conf/refine.yaml, with the model/data/pool of the run refined) in an open
+    run: the weights of `source` (iouctl.runs.Source; None: found from cfg.run or the newest refinable run,
+    iouctl.engine.inputs.refine_source) on its cached detections (inference first when it has none)."""
+    from iouctl import config
+    from iouctl.engine.build import detector_setup, load_weights
+    from iouctl.engine.inputs import refine_source
+    from iouctl.runs import write_source
+
+    if source is None:
+        source = refine_source(cfg)
+    setup = detector_setup(cfg, run)
+    load_weights(setup.model, source.checkpoint, cfg.model)
+    write_source(run, source.checkpoint)
+    return refine(cfg, run, setup.data, setup.model, config.instantiate(cfg.refiner), setup.nms, setup.cats.ids,
+                  setup.device, source.detections, lambda: setup.predict(split=str(cfg.split)))

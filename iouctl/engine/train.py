@@ -248,3 +248,24 @@ def train(cfg: Any, run: Any, data: Any, model: torch.nn.Module, make_optimizer:
     dist.barrier()  # every rank leaves together, after rank 0's final evaluation
     dist.shutdown()
     return result
+
+
+def run(cfg: Any, run: Any, resume: Optional[Path] = None) -> dict:
+    """`iouctl train` on a composed config (conf/train.yaml) in an open run (iouctl.runs): build data, model and
+    optimizer, train, and evaluate on the val split. resume: the checkpoint to continue from exactly (None: with
+    resume=true the one iouctl.engine.inputs.resume_checkpoint finds, else a fresh start). Returns
+    {"iterations", "checkpoint", "eval"}."""
+    from iouctl import config
+    from iouctl.engine.build import detector_setup
+    from iouctl.engine.inputs import resume_checkpoint
+
+    if resume is None:
+        resume = resume_checkpoint(cfg)
+    if resume is not None:  # resumed_from: the run this one continues (`iouctl runs` shows it as resumed)
+        src = Path(resume).parent.parent
+        run.update_meta(resume_checkpoint=str(resume),
+                        resumed_from=str(src) if (src / "meta.json").is_file() else None)
+    setup = detector_setup(cfg, run)
+    return train(cfg, run, setup.data, setup.model, config.instantiate(cfg.optim), resume,
+                 lambda model, step=None: setup.evaluate(model, step),
+                 augment=config.instantiate(cfg.augment))

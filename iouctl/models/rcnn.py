@@ -28,6 +28,7 @@ from torchvision.ops.poolers import LevelMapper
 from iouctl.errors import ConfigError
 from iouctl.models.backbones import BACKBONES, MAX_FPN_LEVELS, fpn_backbone
 from iouctl.models.contract import QUALITY_HEADS
+from iouctl.ops.boxes import box_iou
 
 IOU_LOSSES = ("smooth_l1", "bce")
 _IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -200,7 +201,7 @@ def jitter_boxes(gt_boxes: Tensor, gt_labels: Tensor, image_size: tuple[int, int
     cand = (gt[:, None, :] + shift * wh[:, None, :]).reshape(-1, 4)
     cand = box_ops.clip_boxes_to_image(cand, image_size)
     labels = gt_labels.repeat_interleave(n)
-    iou = box_ops.box_iou(cand, gt)
+    iou = box_iou(cand, gt)
     iou = torch.where(labels[:, None] == gt_labels[None, :], iou, torch.zeros_like(iou)).amax(1)
     ok = torch.where(iou >= 0.5)[0]
     which = torch.clamp(((iou[ok] - 0.5) * (2 * bins)).floor().long(), 0, bins - 1)

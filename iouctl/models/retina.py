@@ -35,6 +35,7 @@ from torchvision.ops import clip_boxes_to_image
 from iouctl.errors import ConfigError
 from iouctl.models.backbones import MAX_FPN_LEVELS, fpn_backbone
 from iouctl.models.contract import QUALITIES, QUALITY_HEADS
+from iouctl.ops.boxes import box_iou, paired_box_iou
 
 MAX_LEVELS = MAX_FPN_LEVELS  # P3..P7, the paper's pyramid
 # For anchor_sizes=auto (iouctl.data.stats): P3 first (stride 8); at least P3..P5, so C3..C5 all feed the FPN
@@ -51,18 +52,6 @@ QFL_BETA = 2.0  # Generalized Focal Loss, Sec. 3.3
 
 
 # --------------------------------------------------------------------------------------------------------------- head
-def paired_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU of boxes1[i] with boxes2[i]. boxes1, boxes2: Tensor[P, 4] xyxy. Returns Tensor[P] (0 where both are empty);
-    differentiable in both."""
-    lt = torch.maximum(boxes1[:, :2], boxes2[:, :2])
-    rb = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(dim=1)
-    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(dim=1)
-    union = area1 + area2 - inter
-    return inter / union.clamp(min=torch.finfo(union.dtype).tiny)
-
-
 def centerness_target(anchors: Tensor, gt_boxes: Tensor) -> Tensor:
     """FCOS's centre-ness of each anchor centre in its GT box (Tian et al. 2019, eq. 3; anchor-based as ATSS):
     sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)), l, t, r, b the distances from the anchor centre to the
@@ -230,8 +219,6 @@ class RetinaHead(nn.Module):
                           anchors: list[Tensor], matched: Tensor, npos: Tensor) -> Tensor:
         """BCE of the IoU logit of non-positive anchors whose decoded box overlaps a GT by IoU >= 0.5, against that
         IoU (detached: the regression of these anchors is not trained), normalised as the positives' term."""
-        from torchvision.ops import box_iou
-
         total = head_outputs["iou_logits"].sum() * 0.0
         for i, t in enumerate(targets):
             if len(t["boxes"]) == 0:

@@ -75,8 +75,10 @@ def _sources(op: str, with_cuda: bool) -> tuple[list[Path], list[Path]]:
     header under ``kernels/``, since any library may include any folder's header)."""
     root = kernels_dir()
     folder = root / op
-    if not folder.is_dir():
-        valid = sorted(p.name for p in root.iterdir() if p.is_dir())
+    # an op is a folder with C++ sources; one of headers only (kernels/common) is not
+    if not (folder.is_dir() and any(p.suffix in _SOURCE_SUFFIXES for p in folder.iterdir())):
+        valid = sorted(p.name for p in root.iterdir()
+                       if p.is_dir() and any(f.suffix in _SOURCE_SUFFIXES for f in p.iterdir()))
         raise ValueError(f"no kernel folder kernels/{op}; valid ops: {', '.join(valid) or 'none'}")
     files = sorted(p for p in folder.iterdir() if p.is_file())
     suffixes = _SOURCE_SUFFIXES + (_CUDA_SUFFIXES if with_cuda else ())

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from iouctl.ops import _extension
 from iouctl.ops.nms import _check_boxes, _check_no_nan, _check_vector, check_real
+from iouctl.ops.reference import kernel_box_iou
 
 __all__ = [
     "MATRIX_KERNELS",
@@ -394,12 +395,8 @@ def _compute(boxes: Tensor) -> Tensor:
 
 
 def _iou_matrix(b: Tensor) -> Tensor:
-    """Tensor[n, n] IoU in b's dtype: inter / ((area_i + area_j) - inter), as iouctl::box_iou (finite boxes)."""
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    w = (torch.minimum(b[:, None, 2], b[None, :, 2]) - torch.maximum(b[:, None, 0], b[None, :, 0])).clamp(min=0)
-    h = (torch.minimum(b[:, None, 3], b[None, :, 3]) - torch.maximum(b[:, None, 1], b[None, :, 1])).clamp(min=0)
-    inter = w * h
-    return inter / ((area[:, None] + area[None, :]) - inter)
+    """Tensor[n, n] IoU of every pair of b's boxes, in b's dtype, as iouctl::box_iou."""
+    return kernel_box_iou(b, b)
 
 
 def _penalty_matrix(b: Tensor, beta: float) -> Tensor:
@@ -549,11 +546,7 @@ def _wbf_ref_grouped(boxes: Tensor, scores: Tensor, idxs: Tensor | None, thr: fl
                 continue
             match = -1
             if c:
-                f = fused[:c]
-                w = (torch.minimum(f[:, 2], box[2]) - torch.maximum(f[:, 0], box[0])).clamp(min=0)
-                h = (torch.minimum(f[:, 3], box[3]) - torch.maximum(f[:, 1], box[1])).clamp(min=0)
-                inter = w * h
-                iou = inter / (((f[:, 2] - f[:, 0]) * (f[:, 3] - f[:, 1]) + area) - inter)  # as iouctl::box_iou
+                iou = kernel_box_iou(fused[:c], box[None])[:, 0]
                 iou = torch.where(iou > thr, iou, torch.full_like(iou, -1.0))  # NaN and <= thr: no match
                 if float(iou.max()) > thr:
                     match = int(torch.argmax(iou))  # the first maximum

@@ -90,8 +90,8 @@ def prroi_pool_reference(input: Tensor, rois: Tensor, pooled_height: int, pooled
 # Pure-PyTorch references of the NMS family: the fallback when the kernels cannot be built (or ``impl="reference"``).
 #
 # Same definitions as ``kernels/nms/nms_cpu.cpp``, step for step, so the results agree exactly:
-# - IoU in the boxes' dtype (float32 for half/bfloat16) as torchvision's CPU nms computes it:
-#   inter / (area_i + area_j - inter), area = (x2 - x1) * (y2 - y1); max/min with std::max/std::min's NaN behaviour.
+# - IoU: ``kernel_box_iou`` (iouctl::box_iou, torchvision's CPU nms expression) in the boxes' dtype (float32 for
+#   half/bfloat16).
 # - Suppression when IoU > iou_threshold, the double threshold compared exactly (``_threshold_as``).
 # - Ranking: decreasing score, ties by increasing index (a stable sort).
 # - Soft-NMS scores decay in float64; the Gaussian factor uses ``math.exp`` (the C library's exp, as the kernel).
@@ -123,23 +123,25 @@ def _min_(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(b < a, b, a)  # std::min(a, b)
 
 
-def _iou_row(x1, y1, x2, y2, area, i: int, lo: int) -> Tensor:
-    """IoU of box i with boxes [lo:], in the kernel's expression order. Inputs are 1-D coordinate columns."""
-    zero = torch.zeros((), dtype=x1.dtype, device=x1.device)
-    xx1 = _max_(x1[i], x1[lo:])
-    yy1 = _max_(y1[i], y1[lo:])
-    xx2 = _min_(x2[i], x2[lo:])
-    yy2 = _min_(y2[i], y2[lo:])
-    w = _max_(zero, xx2 - xx1)
-    h = _max_(zero, yy2 - yy1)
+def kernel_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """``iouctl::box_iou`` (kernels/nms/nms_math.h) term for term: the kernels' IoU, for the references.
+
+    boxes1 (Tensor[N, 4]), boxes2 (Tensor[M, 4]) in the dtype the kernel computes in (``compute_dtype``).
+    Returns Tensor[N, M]: std::max/std::min with a box of boxes1 as the first argument, signed areas, and no
+    zero-union rule (0 / 0 = NaN); iouctl.ops.boxes says how that agrees with the torch and numpy IoU.
+    """
+    a, b = boxes1[:, None, :], boxes2[None, :, :]
+    zero = torch.zeros((), dtype=boxes1.dtype, device=boxes1.device)
+    w = _max_(zero, _min_(a[..., 2], b[..., 2]) - _max_(a[..., 0], b[..., 0]))
+    h = _max_(zero, _min_(a[..., 3], b[..., 3]) - _max_(a[..., 1], b[..., 1]))
     inter = w * h
-    return inter / (area[i] + area[lo:] - inter)
+    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    return inter / ((area1[:, None] + area2[None, :]) - inter)
 
 
-def _columns(boxes: Tensor, order: Tensor):
-    b = boxes.to(compute_dtype(boxes))[order]
-    x1, y1, x2, y2 = b.unbind(1)
-    return x1, y1, x2, y2, (x2 - x1) * (y2 - y1)
+def _ordered(boxes: Tensor, order: Tensor) -> Tensor:
+    return boxes.to(compute_dtype(boxes))[order]
 
 
 def _descending(rank: Tensor) -> Tensor:
@@ -159,13 +161,13 @@ def iou_guided_nms_reference(
     if n == 0:
         return torch.empty(0, dtype=torch.long, device=device), scores.new_empty(0)
     order = _descending(ious)
-    x1, y1, x2, y2, area = _columns(boxes, order)
-    thr = _threshold_as(iou_threshold, x1.dtype, device)
+    b = _ordered(boxes, order)
+    thr = _threshold_as(iou_threshold, b.dtype, device)
     owner = torch.full((n,), -1, dtype=torch.long, device=device)  # position of the kept box that suppressed j
     i = 0
     while i < n:
         owner[i] = i
-        newly = (owner[i + 1:] < 0) & (_iou_row(x1, y1, x2, y2, area, i, i + 1) > thr)
+        newly = (owner[i + 1:] < 0) & (kernel_box_iou(b[i:i + 1], b[i + 1:])[0] > thr)
         owner[i + 1:][newly] = i
         alive = (owner[i + 1:] < 0).nonzero()
         if alive.numel() == 0:
@@ -217,9 +219,9 @@ def soft_nms_reference(
     s_all = scores.to(torch.float64)
     live = (s_all >= score_threshold).nonzero().flatten()  # ascending index: argmax's first max = lowest index
     dead = -math.inf
-    x1, y1, x2, y2, area = _columns(boxes, live)
+    b = _ordered(boxes, live)
     s = s_all[live].clone()
-    thr = _threshold_as(iou_threshold, x1.dtype, device)
+    thr = _threshold_as(iou_threshold, b.dtype, device)
     keep, kept_scores = [], []
     while s.numel() > 0:
         m = int(torch.argmax(s))  # first maximal value
@@ -229,7 +231,7 @@ def soft_nms_reference(
         keep.append(int(live[m]))
         kept_scores.append(mx)
         s[m] = dead
-        ov = _iou_row(x1, y1, x2, y2, area, m, 0)
+        ov = kernel_box_iou(b[m:m + 1], b)[0]
         if method == "gaussian":
             pos = (ov > 0).nonzero().flatten()  # NaN overlaps count as none
             w = torch.tensor([math.exp(-(o * o) / sigma) for o in ov[pos].tolist()], dtype=torch.float64,

@@ -6,6 +6,7 @@ An arm returns the rows it keeps and the score it reports for each: the ranking 
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,30 @@ def all_scores(dets: Detections) -> dict[str, Tensor]:
     return {s: ranking_score(dets, s) for s in (SCORES if dets.has_ious else ("cls",))}
 
 
+_GROUPS: dict[int, tuple] = {}  # id(image_ids tensor) -> (its weakref, labels weakref, versions, groups)
+
+
+def group_ids(dets: Detections) -> Tensor:
+    """Tensor[N] int64: the (image, class) group of each row, numbered in (image id, label) order.
+
+    Every arm of a grid needs the same groups: they are cached per ``dets.image_ids`` tensor while it and
+    ``dets.labels`` are the same, unmodified tensors (an ablation of 41 arms on 5M COCO-sized rows sorted them
+    41 times). Two 1-d uniques and one of their combined key: ``unique(dim=0)`` of the (image, label) pairs gives
+    the same numbering at several times the cost."""
+    img_t, lab_t = dets.image_ids, dets.labels
+    hit = _GROUPS.get(id(img_t))
+    if hit is not None and hit[0]() is img_t and hit[1]() is lab_t and hit[2] == (img_t._version, lab_t._version):
+        return hit[3]
+    img = torch.unique(img_t, return_inverse=True)[1]
+    labels, lab = torch.unique(lab_t, return_inverse=True)
+    groups = torch.unique(img * max(1, len(labels)) + lab, return_inverse=True)[1]
+    key = id(img_t)
+    # the entry leaves with its image_ids tensor (tensors compare element-wise: no WeakKeyDictionary)
+    _GROUPS[key] = (weakref.ref(img_t, lambda _: _GROUPS.pop(key, None)), weakref.ref(lab_t),
+                    (img_t._version, lab_t._version), groups)
+    return groups
+
+
 @dataclass
 class Kept:
     index: Tensor   # int64 [K] rows of the input detections, image by image, best reported score first
@@ -53,6 +78,17 @@ class Kept:
         out = dets.select(self.index)
         out.scores = self.scores.to(out.scores.dtype)
         return out
+
+
+@dataclass
+class KeptBoxes(Kept):
+    """Kept rows (``index``), reported ``scores`` and the new boxes (float32 [K, 4] xyxy) that replace theirs."""
+
+    boxes: Tensor = None
+
+    def apply(self, dets: Detections) -> Detections:
+        out = super().apply(dets)
+        return Detections(out.image_ids, self.boxes.to(out.boxes.dtype), out.labels, out.scores, out.ious, out.meta)
 
 
 def _check_arm(iou_threshold: float, max_per_image: int, score: str = "cls") -> None:
@@ -83,9 +119,7 @@ class _PerImageNMS:
         image, image by image, best first."""
         if len(dets) == 0:
             return Kept(torch.zeros(0, dtype=torch.int64, device=dets.device), torch.zeros(0, device=dets.device))
-        pairs = torch.stack([dets.image_ids, dets.labels], dim=1)
-        groups = torch.unique(pairs, dim=0, return_inverse=True)[1]
-        k, s = self._groups(dets, groups)
+        k, s = self._groups(dets, group_ids(dets))
         order, rank = rank_per_image(dets.image_ids[k], s)
         order = order[rank < self.max_per_image]
         return Kept(k[order], s[order])

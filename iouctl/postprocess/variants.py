@@ -4,28 +4,15 @@ box voting and Weighted Boxes Fusion, on cached raw detections (ops: iouctl.ops.
 Each arm works per (image, class), exactly, in one kernel call for all images, ranks by `score` (cls, the predicted
 IoU, or the fused cls^a * IoU^(1-a) of the model that made the detections) and keeps the `max_per_image` best
 reported scores of each image. Arms that move boxes (box voting, Cluster-NMS +W, WBF) return KeptBoxes: the kept rows,
-their reported scores and their new boxes.
+their reported scores and their new boxes (iouctl.postprocess.suppression).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from iouctl.data.detections import Detections, rank_per_image
-from iouctl.postprocess.suppression import Kept, _check_arm, _PerImageNMS, ranking_score
-
-
-@dataclass
-class KeptBoxes(Kept):
-    """Kept rows (``index``), reported ``scores`` and the new boxes (float32 [K, 4] xyxy) that replace theirs."""
-
-    boxes: Tensor = None
-
-    def apply(self, dets: Detections) -> Detections:
-        out = super().apply(dets)
-        return Detections(out.image_ids, self.boxes.to(out.boxes.dtype), out.labels, out.scores, out.ious, out.meta)
+from iouctl.postprocess.suppression import Kept, KeptBoxes, _check_arm, _PerImageNMS, group_ids, ranking_score
 
 
 def _nms_error(fn, *args) -> tuple:
@@ -55,9 +42,7 @@ class _BoxArm(_PerImageNMS):
         if len(dets) == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=dets.device)
             return KeptBoxes(empty, torch.zeros(0, device=dets.device), torch.zeros(0, 4, device=dets.device))
-        pairs = torch.stack([dets.image_ids, dets.labels], dim=1)
-        groups = torch.unique(pairs, dim=0, return_inverse=True)[1]
-        k, s, b = self._groups(dets, groups)
+        k, s, b = self._groups(dets, group_ids(dets))
         order, rank = rank_per_image(dets.image_ids[k], s)
         order = order[rank < self.max_per_image]
         if not self.moves_boxes:

@@ -261,6 +261,7 @@ int64_t class_grain(const std::vector<int64_t>& seg) {
 // ---------------------------------------------------------------------------------------------------------------
 // Input checks: nms_checks.h (shared with the CUDA kernels), plus the value checks only the CPU makes for free.
 using iouctl::nms_checks::check_boxes;
+using iouctl::nms_checks::check_iou_guided;
 using iouctl::nms_checks::check_iou_threshold;
 using iouctl::nms_checks::check_vector;
 using iouctl::nms_checks::compute_type;
@@ -382,25 +383,12 @@ std::tuple<at::Tensor, at::Tensor> iou_guided_impl(
 std::tuple<at::Tensor, at::Tensor> iou_guided_dispatch(
     const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, const at::Tensor* idxs,
     double iou_threshold) {
-  check_boxes(boxes);
-  check_vector(scores, "scores", boxes, true);
-  check_vector(ious, "ious", boxes, true);
-  if (idxs != nullptr) check_vector(*idxs, "idxs", boxes, false);
-  check_iou_threshold(iou_threshold);
+  check_iou_guided(boxes, scores, ious, idxs, iou_threshold);
   if (compute_type(boxes) == at::kDouble) return iou_guided_impl<double>(boxes, scores, ious, idxs, iou_threshold);
   return iou_guided_impl<float>(boxes, scores, ious, idxs, iou_threshold);
 }
 
-std::tuple<at::Tensor, at::Tensor> iou_guided_nms_cpu(
-    const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, double iou_threshold) {
-  return iou_guided_dispatch(boxes, scores, ious, nullptr, iou_threshold);
-}
-
-std::tuple<at::Tensor, at::Tensor> batched_iou_guided_nms_cpu(
-    const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, const at::Tensor& idxs,
-    double iou_threshold) {
-  return iou_guided_dispatch(boxes, scores, ious, &idxs, iou_threshold);
-}
+using IoUGuidedCpu = iouctl::nms_checks::IoUGuidedOps<iou_guided_dispatch>;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Soft-NMS, optionally per class.
@@ -541,8 +529,8 @@ std::tuple<at::Tensor, at::Tensor> batched_soft_nms_cpu(
 #endif
 
 TORCH_LIBRARY_IMPL(iouctl, CPU, m) {
-  m.impl("iou_guided_nms", TORCH_FN(iou_guided_nms_cpu));
-  m.impl("batched_iou_guided_nms", TORCH_FN(batched_iou_guided_nms_cpu));
+  m.impl("iou_guided_nms", TORCH_FN(IoUGuidedCpu::nms));
+  m.impl("batched_iou_guided_nms", TORCH_FN(IoUGuidedCpu::batched_nms));
   m.impl("soft_nms", TORCH_FN(soft_nms_cpu));
   m.impl("batched_soft_nms", TORCH_FN(batched_soft_nms_cpu));
 }

@@ -187,11 +187,7 @@ std::tuple<at::Tensor, at::Tensor> iou_guided_cuda_impl(
 std::tuple<at::Tensor, at::Tensor> iou_guided_cuda_dispatch(
     const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, const at::Tensor* idxs,
     double iou_threshold) {
-  checks::check_boxes(boxes);
-  checks::check_vector(scores, "scores", boxes, true);
-  checks::check_vector(ious, "ious", boxes, true);
-  if (idxs != nullptr) checks::check_vector(*idxs, "idxs", boxes, false);
-  checks::check_iou_threshold(iou_threshold);
+  checks::check_iou_guided(boxes, scores, ious, idxs, iou_threshold);
   const c10::cuda::CUDAGuard guard(boxes.device());
   if (boxes.size(0) == 0) {
     return {at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options())};
@@ -202,16 +198,7 @@ std::tuple<at::Tensor, at::Tensor> iou_guided_cuda_dispatch(
   return iou_guided_cuda_impl<float>(boxes, scores, ious, idxs, iou_threshold);
 }
 
-std::tuple<at::Tensor, at::Tensor> iou_guided_nms_cuda(
-    const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, double iou_threshold) {
-  return iou_guided_cuda_dispatch(boxes, scores, ious, nullptr, iou_threshold);
-}
-
-std::tuple<at::Tensor, at::Tensor> batched_iou_guided_nms_cuda(
-    const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, const at::Tensor& idxs,
-    double iou_threshold) {
-  return iou_guided_cuda_dispatch(boxes, scores, ious, &idxs, iou_threshold);
-}
+using IoUGuidedCuda = checks::IoUGuidedOps<iou_guided_cuda_dispatch>;
 
 std::tuple<at::Tensor, at::Tensor> to_device(const std::tuple<at::Tensor, at::Tensor>& r, const at::Device& d) {
   return {std::get<0>(r).to(d), std::get<1>(r).to(d)};
@@ -248,8 +235,8 @@ std::tuple<at::Tensor, at::Tensor> batched_soft_nms_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(iouctl, CUDA, m) {
-  m.impl("iou_guided_nms", TORCH_FN(iou_guided_nms_cuda));
-  m.impl("batched_iou_guided_nms", TORCH_FN(batched_iou_guided_nms_cuda));
+  m.impl("iou_guided_nms", TORCH_FN(IoUGuidedCuda::nms));
+  m.impl("batched_iou_guided_nms", TORCH_FN(IoUGuidedCuda::batched_nms));
   m.impl("soft_nms", TORCH_FN(soft_nms_cuda));
   m.impl("batched_soft_nms", TORCH_FN(batched_soft_nms_cuda));
 }

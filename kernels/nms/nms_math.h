@@ -13,13 +13,7 @@
 #include <cmath>
 #include <limits>
 
-#ifndef IOUCTL_HOST_DEVICE
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define IOUCTL_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define IOUCTL_HOST_DEVICE inline
-#endif
-#endif
+#include "common/host_device.h"
 
 namespace iouctl {
 
@@ -29,64 +23,23 @@ IOUCTL_HOST_DEVICE T max_(T a, T b) { return a < b ? b : a; }
 template <typename T>
 IOUCTL_HOST_DEVICE T min_(T a, T b) { return b < a ? b : a; }
 
-// IEEE round-to-nearest arithmetic: plain operators on the host (GCC contracts into FMA only with -mfma, which the
-// builds do not pass), intrinsics on the device (nvcc contracts a * b + c into an FMA by default).
-IOUCTL_HOST_DEVICE float add_rn(float a, float b) {
+// IEEE round-to-nearest arithmetic, add_rn / sub_rn / mul_rn / div_rn for float and double: plain operators on the
+// host (GCC contracts into FMA only with -mfma, which the builds do not pass), the _rn intrinsics on the device (nvcc
+// contracts a * b + c into an FMA by default). Each pass of nvcc preprocesses this file with its own __CUDA_ARCH__.
 #ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
+#define IOUCTL_RN(name, op, float_rn, double_rn)                                \
+  IOUCTL_HOST_DEVICE float name(float a, float b) { return float_rn(a, b); }   \
+  IOUCTL_HOST_DEVICE double name(double a, double b) { return double_rn(a, b); }
 #else
-  return a + b;
+#define IOUCTL_RN(name, op, float_rn, double_rn)                       \
+  IOUCTL_HOST_DEVICE float name(float a, float b) { return a op b; } \
+  IOUCTL_HOST_DEVICE double name(double a, double b) { return a op b; }
 #endif
-}
-IOUCTL_HOST_DEVICE float sub_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-IOUCTL_HOST_DEVICE float mul_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-IOUCTL_HOST_DEVICE float div_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-IOUCTL_HOST_DEVICE double add_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-IOUCTL_HOST_DEVICE double sub_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-IOUCTL_HOST_DEVICE double mul_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-IOUCTL_HOST_DEVICE double div_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __ddiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
+IOUCTL_RN(add_rn, +, __fadd_rn, __dadd_rn)
+IOUCTL_RN(sub_rn, -, __fsub_rn, __dsub_rn)
+IOUCTL_RN(mul_rn, *, __fmul_rn, __dmul_rn)
+IOUCTL_RN(div_rn, /, __fdiv_rn, __ddiv_rn)
+#undef IOUCTL_RN
 
 // Area of an xyxy box: (x2 - x1) * (y2 - y1); negative for an inverted box, as in torchvision.
 template <typename T>

@@ -28,11 +28,13 @@
 #include <memory>
 #include <vector>
 
+#include "prroi_pool/prroi_pool_checks.h"
 #include "prroi_pool/prroi_pool_math.h"
 
 namespace {
 
 namespace pm = iouctl::prroi;
+namespace checks = iouctl::prroi_checks;
 
 // Thin bins (a side below pm::kThinSide = 1/64 cell): the corner formula's rounding error is ~eps64 * |P| / bin
 // area, which would swamp such bins (|P| is a sum over the whole image), so they take the direct path: the exact sum
@@ -230,14 +232,7 @@ __attribute__((noinline)) void thin_backward(const pm::RoiGeom& e, int64_t PH, i
 }
 
 void check_common(const at::Tensor& input, const at::Tensor& rois, int64_t PH, int64_t PW, double scale) {
-  TORCH_CHECK_VALUE(input.dim() == 4, "prroi_pool: input must be [N, C, H, W]; got shape ", input.sizes());
-  TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5,
-                    "prroi_pool: rois must be [K, 5] (batch index, x1, y1, x2, y2); got shape ", rois.sizes());
-  TORCH_CHECK_VALUE(input.device() == rois.device(), "prroi_pool: input is on ", input.device(), " but rois on ",
-                    rois.device());
-  TORCH_CHECK_VALUE(PH > 0 && PW > 0, "prroi_pool: output size must be positive; got (", PH, ", ", PW, ")");
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "prroi_pool: spatial_scale must be finite and > 0; got ",
-                    scale);
+  checks::check_arguments(input, rois, PH, PW, scale, /*cuda=*/false);
   TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
                     "prroi_pool (CPU kernel): input must be float32 or float64; got ", input.scalar_type());
   TORCH_CHECK_VALUE(at::isFloatingType(rois.scalar_type()), "prroi_pool: rois must be floating point; got ",
@@ -326,11 +321,7 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_cpu(const at::Tensor& gra
                                                            bool rois_grad) {
   check_common(input, rois, PH, PW, scale);
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = rois.size(0);
-  TORCH_CHECK_VALUE(grad_.sizes() == at::IntArrayRef({K, C, PH, PW}) && output_.sizes() == grad_.sizes(),
-                    "prroi_pool backward: grad and output must be [K, C, PH, PW] = [", K, ", ", C, ", ", PH, ", ",
-                    PW, "]; got ", grad_.sizes(), " and ", output_.sizes());
-  TORCH_CHECK_VALUE(grad_.scalar_type() == input.scalar_type() && output_.scalar_type() == input.scalar_type(),
-                    "prroi_pool backward: grad and output must have the input's dtype ", input.scalar_type());
+  checks::check_backward(grad_, output_, input, rois, PH, PW);
   at::Tensor grad_input = input_grad ? at::empty_like(input) : at::empty({0}, input.options());
   at::Tensor grad_rois = rois_grad ? at::zeros({K, 5}, rois.options()) : at::empty({0}, rois.options());
   if (!input_grad && !rois_grad) return {grad_input, grad_rois};
@@ -499,17 +490,8 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_cpu(const at::Tensor& gra
 // ---- the direct implementation: the CUDA kernels' element bodies in plain loops ----
 
 void check_direct(const at::Tensor& input, const at::Tensor& rois, int64_t PH, int64_t PW, double scale) {
-  TORCH_CHECK_VALUE(input.dim() == 4, "prroi_pool: input must be [N, C, H, W]; got shape ", input.sizes());
-  TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5,
-                    "prroi_pool: rois must be [K, 5] (batch index, x1, y1, x2, y2); got shape ", rois.sizes());
-  TORCH_CHECK_VALUE(input.device() == rois.device(), "prroi_pool: input is on ", input.device(), " but rois on ",
-                    rois.device());
-  TORCH_CHECK_VALUE(PH > 0 && PW > 0, "prroi_pool: output size must be positive; got (", PH, ", ", PW, ")");
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "prroi_pool: spatial_scale must be finite and > 0; got ",
-                    scale);
-  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()) && at::isFloatingType(rois.scalar_type()),
-                    "prroi_pool: input and rois must be floating point; got ", input.scalar_type(), " and ",
-                    rois.scalar_type());
+  checks::check_arguments(input, rois, PH, PW, scale, /*cuda=*/false);
+  checks::check_floating(input, rois);
 }
 
 // What the CUDA geometry kernel computes, one RoI at a time (pm::roi_tables), plus the RoIs of each image.
@@ -565,11 +547,7 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_direct_backward_cpu(const at::Tens
                                                                   bool input_grad, bool rois_grad) {
   check_direct(input_, rois, PH, PW, scale);
   const int64_t N = input_.size(0), C = input_.size(1), H = input_.size(2), W = input_.size(3), K = rois.size(0);
-  TORCH_CHECK_VALUE(grad_.sizes() == at::IntArrayRef({K, C, PH, PW}) && output.sizes() == grad_.sizes(),
-                    "prroi_pool backward: grad and output must be [K, C, PH, PW] = [", K, ", ", C, ", ", PH, ", ",
-                    PW, "]; got ", grad_.sizes(), " and ", output.sizes());
-  TORCH_CHECK_VALUE(grad_.scalar_type() == input_.scalar_type() && output.scalar_type() == input_.scalar_type(),
-                    "prroi_pool backward: grad and output must have the input's dtype ", input_.scalar_type());
+  checks::check_backward(grad_, output, input_, rois, PH, PW);
   const at::Tensor input = input_.contiguous();
   const at::Tensor grad = grad_.contiguous();
   at::Tensor grad_input = at::empty({0}, input.options());

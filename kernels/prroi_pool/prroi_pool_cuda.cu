@@ -27,11 +27,13 @@
 #include <cstdint>
 #include <limits>
 
+#include "prroi_pool/prroi_pool_checks.h"
 #include "prroi_pool/prroi_pool_math.h"
 
 namespace {
 
 namespace pm = iouctl::prroi;
+namespace checks = iouctl::prroi_checks;
 
 constexpr int kThreads = 256;
 static_assert(kThreads >= 32 && (kThreads & (kThreads - 1)) == 0,
@@ -135,17 +137,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 void check_cuda(const at::Tensor& input, const at::Tensor& rois, int64_t PH, int64_t PW, double scale) {
-  TORCH_CHECK_VALUE(input.dim() == 4, "prroi_pool: input must be [N, C, H, W]; got shape ", input.sizes());
-  TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5,
-                    "prroi_pool: rois must be [K, 5] (batch index, x1, y1, x2, y2); got shape ", rois.sizes());
-  TORCH_CHECK_VALUE(input.is_cuda() && rois.device() == input.device(), "prroi_pool: input is on ", input.device(),
-                    " but rois on ", rois.device(), "; both must be on one CUDA device");
-  TORCH_CHECK_VALUE(PH > 0 && PW > 0, "prroi_pool: output size must be positive; got (", PH, ", ", PW, ")");
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "prroi_pool: spatial_scale must be finite and > 0; got ",
-                    scale);
-  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()) && at::isFloatingType(rois.scalar_type()),
-                    "prroi_pool: input and rois must be floating point; got ", input.scalar_type(), " and ",
-                    rois.scalar_type());
+  checks::check_arguments(input, rois, PH, PW, scale, /*cuda=*/true);
+  checks::check_floating(input, rois);
 }
 
 int64_t blocks_for(int64_t total) {
@@ -228,11 +221,7 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_cuda(const at::Tensor& gr
   check_cuda(input_, rois_, PH, PW, scale);
   const c10::cuda::CUDAGuard guard(input_.device());
   const int64_t N = input_.size(0), C = input_.size(1), H = input_.size(2), W = input_.size(3), K = rois_.size(0);
-  TORCH_CHECK_VALUE(grad_.sizes() == at::IntArrayRef({K, C, PH, PW}) && output_.sizes() == grad_.sizes(),
-                    "prroi_pool backward: grad and output must be [K, C, PH, PW] = [", K, ", ", C, ", ", PH, ", ",
-                    PW, "]; got ", grad_.sizes(), " and ", output_.sizes());
-  TORCH_CHECK_VALUE(grad_.scalar_type() == input_.scalar_type() && output_.scalar_type() == input_.scalar_type(),
-                    "prroi_pool backward: grad and output must have the input's dtype ", input_.scalar_type());
+  checks::check_backward(grad_, output_, input_, rois_, PH, PW);
   if (input_grad) at::globalContext().alertNotDeterministic("prroi_pool_backward_cuda (input gradient, atomicAdd)");
   const at::Tensor input = input_.contiguous();
   const at::Tensor rois = rois_.to(at::kDouble).contiguous();

@@ -17,13 +17,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifndef IOUCTL_HOST_DEVICE
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define IOUCTL_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define IOUCTL_HOST_DEVICE inline
-#endif
-#endif
+#include "common/host_device.h"
 
 namespace iouctl {
 namespace prroi {

@@ -11,26 +11,16 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from iouctl.analysis import correlation, correlations, true_iou
-from iouctl.analysis.correlation import pairwise_iou_xyxy
 from iouctl.analysis.groundtruth import GroundTruthError
 from iouctl.data.detections import Detections
+from tests.box_loops import loop_iou
 
 from .conftest import jitter_dets, random_gt
 
 # true_iou works in float64 on float32-exact inputs; a plain float64 loop differs only by operation order.
 IOU_ATOL = 1e-12
-
-
-def plain_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def plain_true_iou(gt_path, d: Detections) -> list[float]:
@@ -43,7 +33,7 @@ def plain_true_iou(gt_path, d: Detections) -> list[float]:
             if a["iscrowd"] or a["image_id"] != int(d.image_ids[i]) or a["category_id"] != int(d.labels[i]):
                 continue
             x, y, w, h = a["bbox"]
-            best = max(best, plain_iou(box, [x, y, x + w, y + h]))
+            best = max(best, loop_iou(box, [x, y, x + w, y + h]))
         out.append(best)
     return out
 
@@ -101,21 +91,6 @@ def test_true_iou_edge_cases(small_gt):
     assert true_iou(small_gt, Detections.empty()).shape == (0,)
     with pytest.raises(GroundTruthError, match="image id\\(s\\) absent"):
         true_iou(small_gt, Detections(torch.tensor([1]), torch.zeros(1, 4), torch.tensor([2]), torch.ones(1)))
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(*[st.sampled_from([0.0, 1.0, 2.5, 3.0, 10.0])] * 8), min_size=1, max_size=20))
-def test_pairwise_iou_degenerate_boxes(rows):
-    # Zero-width, zero-area, touching and identical boxes: never nan/inf, always in [0, 1], equals the loop.
-    a = torch.tensor(
-        [[min(r[0], r[2]), min(r[1], r[3]), max(r[0], r[2]), max(r[1], r[3])] for r in rows], dtype=torch.float64
-    )
-    b = torch.tensor(
-        [[min(r[4], r[6]), min(r[5], r[7]), max(r[4], r[6]), max(r[5], r[7])] for r in rows], dtype=torch.float64
-    )
-    got = pairwise_iou_xyxy(a, b)
-    assert torch.isfinite(got).all() and (got >= 0).all() and (got <= 1).all()
-    assert got.tolist() == pytest.approx([plain_iou(x.tolist(), y.tolist()) for x, y in zip(a, b)], abs=1e-15)
 
 
 # ---------------------------------------------------------------- correlations

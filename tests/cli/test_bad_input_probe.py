@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from iouctl.ops._extension import cache_root
+
 pytestmark = pytest.mark.slow  # every test reads the outcomes of the module fixture that runs the whole catalogue
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,7 +97,8 @@ CASES = [
     _c("bench_repeats", "bench-pool repeats=0", "repeats=0", "an integer >= 1"),
     _c("bench_threads", "bench-pool threads=0", "threads=0", ">= 1 or null"),
     _c("bench_devices", "bench-pool devices=[tpu]", "devices=[tpu]", "auto, cpu, cuda"),
-    _c("demo_steps", "demo steps=[train,eval]", "steps=[train,eval]", "data, train, nms-ablate, refine, bench-pool"),
+    _c("demo_steps", "demo steps=[train,eval]", "steps=[train,eval]",
+       "data, train, nms-ablate, refine, train-retina, train-iou-retina, nms-iou-retina, bench-pool"),
     _c("demo_train_override", ["demo", "train_overrides=['schedule.max_iters=0']"], "schedule.max_iters=0"),
     _c("data_image_size", "data generate data.image_size=4", "data.image_size=4", "in [8, 4096]"),
     # -- `+key=`: the same schema
@@ -230,7 +233,9 @@ def _prepare(w: Path) -> None:
 
 def _env(case_runs: Path, cache: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "IOUCTL_"))}
-    env.update(IOUCTL_RUNS_DIR=str(case_runs), IOUCTL_CACHE_DIR=str(cache), WANDB_MODE="offline",
+    # the session's compiled kernels (their own folder, not under the dataset cache): built once, not per case
+    env.update(IOUCTL_RUNS_DIR=str(case_runs), IOUCTL_CACHE_DIR=str(cache), IOUCTL_KERNEL_CACHE=str(cache_root()),
+               WANDB_MODE="offline",
                PYTHONPATH=str(ROOT), NO_COLOR="1", COLUMNS="200")
     return env
 
@@ -311,9 +316,6 @@ def outcomes(tmp_path_factory):
     w = tmp_path_factory.mktemp("probe")
     cache = w / "cache"
     cache.mkdir()
-    shared = Path(os.environ.get("IOUCTL_CACHE_DIR", "~/.cache/iouctl")).expanduser() / "torch_extensions"
-    shared.mkdir(parents=True, exist_ok=True)
-    (cache / "torch_extensions").symlink_to(shared)  # the session's compiled kernels: built once, not per test
     _prepare(w)
     started, cpu = time.monotonic(), _children_cpu()
     with ThreadPoolExecutor(3) as pool:

@@ -18,6 +18,7 @@ SCHEMAS = sorted({c for opts in schema.GROUP_SCHEMAS.values() for c in opts.valu
 FREE_TEXT = {"_target_", "name", "runs_dir", "cache_dir", "root", "train_ann", "val_ann", "train_images", "val_images",
              "pretrained", "init_from", "project", "entity", "group", "tags", "run", "checkpoint",
              "train_overrides", "nms_ablate_overrides", "refine_overrides", "bench_pool_overrides",
+             "single_stage_overrides", "retina_overrides", "iou_retina_overrides", "iou_retina_nms_overrides",
              "inference"}  # model.inference: nms overrides, checked when composed (iouctl.cli.common)
 # typed Any: checked elsewhere at composition (iouctl.engine.sizes) or group nodes
 UNTYPED = {"min_size", "max_size", "anchor_sizes", "paths", "logger", "data", "model", "pool", "optim", "nms",
@@ -148,7 +149,8 @@ BAD = [
     ("bench-pool", "threads=0", "threads=0 is not valid; valid: an integer >= 1 or null"),
     ("bench-pool", "repeats=0", "repeats=0 is not valid; valid: an integer >= 1"),
     ("demo", "steps=[train,eval]", "steps=[train,eval] is not valid (entry eval); valid: each entry one of data, "
-                                   "train, nms-ablate, refine, bench-pool"),
+                                   "train, nms-ablate, refine, train-retina, train-iou-retina, nms-iou-retina, "
+                                   "bench-pool"),
 ]
 
 

@@ -94,3 +94,24 @@ def test_every_rank_waits_while_rank_0_evaluates(tmp_path):
     assert meta["status"] == "COMPLETED" and meta["device"] == "cpu" and meta["dtype"] == "float32"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val/AP" in r] == [2, 4]
+
+
+def test_one_process_under_torchrun_trains_in_ddp(monkeypatch):
+    """torchrun --nproc_per_node=1 takes the same path as K processes (process group, DDP), so a one-GPU check
+    exercises nccl and DDP; without torchrun's variables the model is left as it is."""
+    import torch
+
+    from iouctl.engine import distributed
+
+    model = torch.nn.Linear(2, 1)
+    assert distributed.wrap(model, torch.device("cpu")) is model
+    for k, v in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(29500 + os.getpid() % 1000)}.items():
+        monkeypatch.setenv(k, v)
+    try:
+        net = distributed.wrap(model, torch.device("cpu"))
+        assert isinstance(net, torch.nn.parallel.DistributedDataParallel) and net.module is model
+        assert torch.distributed.get_backend() == "gloo" and torch.distributed.get_world_size() == 1
+    finally:
+        distributed.shutdown()
+    assert not torch.distributed.is_initialized()

@@ -226,3 +226,29 @@ def test_fused_weight_is_the_models_unless_overridden(cache):
         d = sorted((cache / "runs" / "nms-ablate").iterdir())[-1]
         got[tuple(extra)] = json.loads((d / "results.json").read_text())["arms"][1]["AP"]
     assert got[()] == got[("cls_weight=0.2",)] != got[("cls_weight=0.9",)]
+
+
+@pytest.mark.slow
+def test_arms_in_worker_processes_equal_the_serial_run(tmp_path):
+    """workers=2 forks the arms out; every result (APs, errors, calibration, oracle rows, files) must be the serial
+    run's, bit for bit. Uses the session's kernel cache (no `cache` fixture: a fresh one recompiles)."""
+    base = ["nms-ablate", "--synthetic", *TINY, "methods=[greedy,iou-guided,wbf,cluster,matrix]"]
+    got = {}
+    for w in (1, 2):
+        r = runner.invoke(app, [*base, f"workers={w}", f"paths.runs_dir={tmp_path / str(w)}"])
+        assert r.exit_code == 0, r.output
+        d = _only_run(tmp_path / str(w))
+        got[w] = (json.loads((d / "results.json").read_text()), (d / "analyses.md").read_text())
+    (one, md1), (two, md2) = got[1], got[2]
+    assert one["workers"] == 1 and two["workers"] == 2
+    assert len(one["arms"]) == 23 and one["oracle"] is not None and one["errors"] is not None
+    for res in (one, two):
+        for arm in res["arms"]:
+            del arm["seconds"]
+    for key in ("arms", "errors", "calibration", "oracle", "ap_per_threshold", "correlation_before_nms"):
+        assert one[key] == two[key], key
+    assert md1 == md2
+    phases = two["phases"]
+    assert list(phases) == ["load", "true_iou", "shared", "arms", "outputs"]
+    assert set(phases["arms"]["per_arm_phase"]) == {"nms", "evaluate", "analyses", "oracle"}
+

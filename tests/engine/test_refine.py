@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from iouctl.analysis import evaluate
+from iouctl.analysis import AP_KEYS, error_breakdown, evaluate
 from iouctl.cli import app
 from iouctl.data.detections import Detections
 from iouctl.postprocess.suppression import IoUGuidedNMS
@@ -65,6 +65,41 @@ def test_refine_an_iou_net_run(trained):
     for key in ("mean_true_iou_before", "mean_true_iou_after", "mean_pred_iou_before", "mean_pred_iou_after"):
         assert 0.0 <= s[key] <= 1.0
     assert "mean true IoU" in r.output and "AP90" in r.output
+    # TIDE's breakdown before / after: "after" is that of the saved refined detections, computed again here; the
+    # breakdown's AP at 0.5 / 0.75 is cocoeval's AP50 / AP75 of the same detections (at most 100 per image)
+    after = [e.to_dict() for e in error_breakdown(gt, refined, (0.5, 0.75))]
+    assert s["errors"]["after"] == after
+    for when in ("before", "after"):
+        assert [e["iou_threshold"] for e in s["errors"][when]] == [0.5, 0.75]
+        assert s["errors"][when][0]["ap"] == pytest.approx(s[f"ap_{when}"]["AP50"], abs=1e-12)
+        assert s["errors"][when][1]["ap"] == pytest.approx(s[f"ap_{when}"]["AP75"], abs=1e-12)
+    md = (d / "results.md").read_text()
+    assert "TIDE errors at IoU 0.75" in md and "| before |" in md and "| after |" in md
+    assert "TIDE at IoU 0.5: localization errors" in r.output
+
+
+def test_refine_markdown_shows_the_error_breakdown_and_reads_older_summaries():
+    from iouctl.engine.refine import markdown
+
+    ap = {k: 0.5 for k in AP_KEYS}
+    s = {"refiner": "r", "nms": "n", "report_score": "cls", "images": 1, "boxes_refined": 2,
+         "ap_before": ap, "ap_after": ap, "ap_delta": {k: 0.0 for k in AP_KEYS},
+         "mean_true_iou_before": 0.6, "mean_true_iou_after": 0.7, "mean_true_iou_before_matched": 0.7,
+         "mean_true_iou_after_matched": 0.8, "mean_pred_iou_before": 0.6, "mean_pred_iou_after": 0.7,
+         "share_improved": 0.5, "share_worse": 0.1, "mean_steps": 2.0, "ms_per_image": 3.0}
+    old = markdown(s)  # a summary written before the breakdown existed
+    assert not any("TIDE" in line for line in old)
+
+    def breakdown(loc: int, dloc: float) -> dict:
+        counts = {"cls": 0, "loc": loc, "both": 0, "dupe": 1, "bkg": 0, "miss": 3}
+        return {"iou_threshold": 0.75, "background_threshold": 0.1, "ap": 0.4,
+                "dap": {k: (dloc if k == "loc" else 0.0) for k in counts}, "special_dap": {"fp": 0.1, "fn": None},
+                "counts": counts, "num_detections": 9, "num_tp": 5, "num_ignored": 0, "num_gt": 8}
+
+    s["errors"] = {"before": [breakdown(4, 0.12)], "after": [breakdown(1, 0.03)]}
+    md = "\n".join(markdown(s))
+    assert "- TIDE at IoU 0.75: localization errors 4 -> 1 (dAP 12.00 -> 3.00), duplicates 1 -> 1, missed 3 -> 3" in md
+    assert "| before | 40.0 | 0.00 (0) | 12.00 (4) |" in md and "| after | 40.0 | 0.00 (0) | 3.00 (1) |" in md
 
 
 def test_refine_an_eval_run_and_refiner_none(trained):

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iouctl.ops import _extension
 from iouctl.ops.nms import (
     batched_iou_guided_nms,
     batched_nms,
@@ -26,45 +24,17 @@ from iouctl.ops.nms import (
     nms,
     soft_nms,
 )
+from tests.box_loops import NP, loop_kernel_iou, numpy_rows
+from tests.ops.common import DTYPES, IMPLS, clustered, require_library
 
-IMPLS = ["cpp", "reference"]
-DTYPES = [torch.float32, torch.float64]
-NP = {torch.float32: np.float32, torch.float64: np.float64}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _built():
-    assert _extension.load_library("nms"), f"the NMS kernels failed to build; see {_extension.build_log('nms')}"
+_built = require_library("nms")
 
 
 # ----------------------------------------------------------------------------------------------- plain loops
-def loop_iou(a, b, f):
-    """IoU of two boxes (sequences of 4 numpy scalars of type f), std::max/std::min semantics, torchvision's order."""
-    def mx(p, q):
-        return q if p < q else p
-
-    def mn(p, q):
-        return q if q < p else p
-
-    zero = f(0)
-    with np.errstate(all="ignore"):  # inf/NaN coordinates are part of the tests
-        area_a = (a[2] - a[0]) * (a[3] - a[1])
-        area_b = (b[2] - b[0]) * (b[3] - b[1])
-        w = mx(zero, mn(a[2], b[2]) - mx(a[0], b[0]))
-        h = mx(zero, mn(a[3], b[3]) - mx(a[1], b[1]))
-        inter = w * h
-        return inter / (area_a + area_b - inter)
-
-
-def _rows(boxes):
-    f = NP[boxes.dtype]
-    return [[f(v) for v in row] for row in boxes.tolist()]
-
-
 def loop_iou_guided(boxes, scores, ious, thr):
     """IoU-Net Algorithm 1, literally: returns (keep, cluster scores) as Python lists."""
     f = NP[boxes.dtype]
-    rows, cls, rank = _rows(boxes), scores.double().tolist(), ious.double().tolist()
+    rows, cls, rank = numpy_rows(boxes), scores.double().tolist(), ious.double().tolist()
     remaining = sorted(range(len(rows)), key=lambda i: (-rank[i], i))
     keep, cluster = [], []
     while remaining:
@@ -72,7 +42,7 @@ def loop_iou_guided(boxes, scores, ious, thr):
         s = cls[m]
         survivors = []
         for j in rest:
-            if float(loop_iou(rows[m], rows[j], f)) > thr:
+            if float(loop_kernel_iou(rows[m], rows[j], f)) > thr:
                 s = max(s, cls[j])
             else:
                 survivors.append(j)
@@ -85,7 +55,7 @@ def loop_iou_guided(boxes, scores, ious, thr):
 def loop_soft(boxes, scores, method, sigma, thr, score_threshold):
     """Soft-NMS literally: pick the max (lowest index among ties), decay the rest, drop under the threshold."""
     f = NP[boxes.dtype]
-    rows, s = _rows(boxes), scores.double().tolist()
+    rows, s = numpy_rows(boxes), scores.double().tolist()
     alive = [i for i in range(len(rows)) if s[i] >= score_threshold]
     keep, kept = [], []
     while alive:
@@ -95,7 +65,7 @@ def loop_soft(boxes, scores, method, sigma, thr, score_threshold):
         alive.remove(m)
         nxt = []
         for j in alive:
-            o = float(loop_iou(rows[m], rows[j], f))
+            o = float(loop_kernel_iou(rows[m], rows[j], f))
             if method == "gaussian":
                 w = math.exp(-(o * o) / sigma) if o > 0 else 1.0
             else:
@@ -122,26 +92,6 @@ def per_class(fn, idxs, rank_of, *args):
 
 
 # ------------------------------------------------------------------------------------------------ generators
-def clustered(n, n_centres, dtype, seed, ties=False, n_classes=1):
-    """Detector-like boxes: jittered copies of a few ground-truth boxes (see benchmarks/bench_nms.py)."""
-    g = torch.Generator().manual_seed(seed)
-    side = torch.exp(torch.empty(n_centres).uniform_(math.log(8), math.log(200), generator=g))
-    ctr = torch.rand(n_centres, 2, generator=g) * 400
-    which = torch.randint(0, n_centres, (n,), generator=g)
-    jit = torch.randn(n, 4, generator=g) * 0.15
-    wh = side[which, None] * torch.exp(jit[:, 2:])
-    xy = ctr[which] + jit[:, :2] * side[which, None]
-    boxes = torch.cat([xy - wh / 2, xy + wh / 2], 1).to(dtype)
-    scores = torch.rand(n, generator=g, dtype=torch.float64)
-    if ties:
-        scores = (scores * 5).floor() / 5  # few distinct values: index tie-breaking decides
-    ious = torch.rand(n, generator=g, dtype=torch.float64)
-    if ties:
-        ious = (ious * 4).floor() / 4
-    cls = torch.randint(0, n_classes, (n_centres,), generator=g)[which] * 7 - 3  # sparse, negative ids too
-    return boxes, scores.to(dtype), ious.to(dtype), cls
-
-
 def uniform(n, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(n, 2, generator=g) * 100
@@ -162,7 +112,7 @@ CASES = [  # (name, n, ties)
 @pytest.mark.parametrize("name,n,ties", CASES)
 @pytest.mark.parametrize("thr", [0.0, 0.3, 0.5, 0.7, 1.0])
 def test_iou_guided_equals_plain_loop(impl, dtype, name, n, ties, thr):
-    boxes, scores, ious, _ = clustered(n, 12, dtype, seed=n + int(thr * 10), ties=ties)
+    boxes, scores, ious, _ = clustered(n, 12, dtype, seed=n + int(thr * 10), ties=ties, with_ious=True)
     keep, cluster = iou_guided_nms(boxes, scores, ious, thr, impl=impl)
     want_keep, want_cluster = loop_iou_guided(boxes, scores, ious, thr)
     assert keep.tolist() == want_keep
@@ -195,7 +145,7 @@ def test_cluster_score_is_max_of_suppressed_cls():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ties", [False, True])
 def test_greedy_equals_torchvision(dtype, ties):
-    boxes, scores, _, _ = clustered(3000, 200, dtype, seed=11, ties=ties)
+    boxes, scores, _, _ = clustered(3000, 200, dtype, seed=11, ties=ties, with_ious=True)
     for thr in (0.3, 0.5, 0.7):
         want = torchvision.ops.nms(boxes, scores, thr)
         assert torch.equal(nms(boxes, scores, thr), want)
@@ -205,7 +155,7 @@ def test_greedy_equals_torchvision(dtype, ties):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_batched_iou_guided_equals_per_class_loop(impl, dtype):
-    boxes, scores, ious, cls = clustered(160, 16, dtype, seed=5, ties=True, n_classes=4)
+    boxes, scores, ious, cls = clustered(160, 16, dtype, seed=5, ties=True, n_classes=4, with_ious=True)
     keep, cluster = batched_iou_guided_nms(boxes, scores, ious, cls, 0.5, impl=impl)
     rank = ious.double().tolist()
     want_keep, want_cluster = per_class(lambda b, s, i: loop_iou_guided(b, s, i, 0.5), cls,
@@ -216,7 +166,7 @@ def test_batched_iou_guided_equals_per_class_loop(impl, dtype):
 
 def test_batched_at_scale_equals_single_class_calls():
     # 20k float32 boxes, 80 classes (the benchmark's shape): the batched kernel == one kernel call per class.
-    boxes, scores, ious, cls = clustered(20000, 1500, torch.float32, seed=8, n_classes=80)
+    boxes, scores, ious, cls = clustered(20000, 1500, torch.float32, seed=8, n_classes=80, with_ious=True)
     keep, cluster = batched_iou_guided_nms(boxes, scores, ious, cls, 0.5)
     parts_k, parts_c = [], []
     for c in cls.unique():
@@ -251,7 +201,7 @@ def test_batched_exact_where_coordinate_offsets_are_not():
 @pytest.mark.parametrize("method", ["linear", "gaussian"])
 @pytest.mark.parametrize("name,n,ties", CASES)
 def test_soft_nms_equals_plain_loop(impl, dtype, method, name, n, ties):
-    boxes, scores, _, _ = clustered(n, 10, dtype, seed=21 + n, ties=ties)
+    boxes, scores, _, _ = clustered(n, 10, dtype, seed=21 + n, ties=ties, with_ious=True)
     keep, new = soft_nms(boxes, scores, method=method, sigma=0.5, iou_threshold=0.3, score_threshold=0.05, impl=impl)
     want_keep, want_new = loop_soft(boxes, scores, method, 0.5, 0.3, 0.05)
     assert keep.tolist() == want_keep
@@ -263,7 +213,7 @@ def test_soft_nms_equals_plain_loop(impl, dtype, method, name, n, ties):
 
 @pytest.mark.parametrize("method", ["linear", "gaussian"])
 def test_soft_nms_thresholds_and_sigma(method):
-    boxes, scores, _, _ = clustered(100, 6, torch.float64, seed=2)
+    boxes, scores, _, _ = clustered(100, 6, torch.float64, seed=2, with_ious=True)
     for sigma, thr, st_ in [(0.1, 0.0, 0.0), (2.0, 0.9, 0.3), (0.5, 1.0, 0.0)]:
         keep, new = soft_nms(boxes, scores, method, sigma, thr, st_)
         wk, wn = loop_soft(boxes, scores, method, sigma, thr, st_)
@@ -273,7 +223,7 @@ def test_soft_nms_thresholds_and_sigma(method):
 @pytest.mark.parametrize("method", ["linear", "gaussian"])
 def test_soft_nms_negative_scores(method):
     # A decay would raise a negative score; score_threshold >= 0 drops them first, so the kernel's order holds.
-    boxes, scores, _, _ = clustered(80, 5, torch.float64, seed=21)
+    boxes, scores, _, _ = clustered(80, 5, torch.float64, seed=21, with_ious=True)
     scores = scores * 2 - 1
     keep, new = soft_nms(boxes, scores, method, 0.5, 0.3, 0.0)
     wk, wn = loop_soft(boxes, scores, method, 0.5, 0.3, 0.0)
@@ -312,7 +262,7 @@ def _with_degenerate_leaders(boxes, scores):
 def test_soft_nms_many_blocks(dtype, method):
     # The kernel visits only blocks of 64 boxes (Morton order) whose rectangle meets the selected box; the reference
     # and the loop scan everything, so equality here checks that the skipping is exact.
-    boxes, scores, _, cls = clustered(1500, 90, dtype, seed=31, n_classes=3)
+    boxes, scores, _, cls = clustered(1500, 90, dtype, seed=31, n_classes=3, with_ious=True)
     boxes, scores = _with_degenerate_leaders(boxes, scores)
     got = soft_nms(boxes, scores, method, 0.5, 0.3, 0.01)
     want = soft_nms(boxes, scores, method, 0.5, 0.3, 0.01, impl="reference")
@@ -328,7 +278,7 @@ def test_soft_nms_many_blocks(dtype, method):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("method", ["linear", "gaussian"])
 def test_batched_soft_nms_equals_per_class_loop(impl, method):
-    boxes, scores, _, cls = clustered(150, 14, torch.float32, seed=9, ties=True, n_classes=3)
+    boxes, scores, _, cls = clustered(150, 14, torch.float32, seed=9, ties=True, n_classes=3, with_ious=True)
     keep, new = batched_soft_nms(boxes, scores, cls, method, 0.5, 0.3, 0.02, impl=impl)
     want_keep, want_new = per_class(lambda b, s: loop_soft(b, s, method, 0.5, 0.3, 0.02), cls,
                                     lambda k, v: v, boxes, scores)
@@ -337,7 +287,7 @@ def test_batched_soft_nms_equals_per_class_loop(impl, method):
 
 
 def test_batched_soft_with_one_class_is_soft():
-    boxes, scores, _, _ = clustered(300, 20, torch.float32, seed=4)
+    boxes, scores, _, _ = clustered(300, 20, torch.float32, seed=4, with_ious=True)
     a = soft_nms(boxes, scores)
     b = batched_soft_nms(boxes, scores, torch.full((300,), 5))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -415,7 +365,7 @@ def test_zero_area_boxes_neither_suppress_nor_are_suppressed(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_and_inf_coordinates_match_the_loop(impl, dtype):
-    boxes, scores, ious, _ = clustered(60, 5, dtype, seed=1)
+    boxes, scores, ious, _ = clustered(60, 5, dtype, seed=1, with_ious=True)
     boxes[3, 0] = float("nan")
     boxes[7] = float("nan")
     boxes[11, 2] = float("inf")
@@ -434,7 +384,7 @@ def test_nan_and_inf_coordinates_match_the_loop(impl, dtype):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_nan_scores_raise_one_clear_line(impl):
-    boxes, scores, ious, cls = clustered(10, 3, torch.float32, seed=0)
+    boxes, scores, ious, cls = clustered(10, 3, torch.float32, seed=0, with_ious=True)
     scores[4] = float("nan")
     for call in (lambda: iou_guided_nms(boxes, scores, ious, 0.5, impl=impl),
                  lambda: iou_guided_nms(boxes, ious, scores, 0.5, impl=impl),
@@ -523,8 +473,8 @@ def test_fuzz_no_crash_and_kernel_equals_reference(data, n, dtype, thr):
 
 def test_results_do_not_depend_on_thread_count():
     # 2 classes x ~8000 boxes: enough pairwise work that the kernels run the classes in parallel (class_grain)
-    boxes, scores, ious, cls = clustered(16000, 1000, torch.float32, seed=3, ties=True, n_classes=2)
-    small = clustered(6000, 500, torch.float32, seed=4, ties=True, n_classes=40)
+    boxes, scores, ious, cls = clustered(16000, 1000, torch.float32, seed=3, ties=True, n_classes=2, with_ious=True)
+    small = clustered(6000, 500, torch.float32, seed=4, ties=True, n_classes=40, with_ious=True)
     before = torch.get_num_threads()
     outs = []
     try:
@@ -542,7 +492,7 @@ def test_results_do_not_depend_on_thread_count():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_boxes_computed_in_float32(dtype):
-    boxes, scores, ious, _ = clustered(200, 15, torch.float32, seed=6)
+    boxes, scores, ious, _ = clustered(200, 15, torch.float32, seed=6, with_ious=True)
     low = boxes.to(dtype)
     keep, cluster = iou_guided_nms(low, scores.to(dtype), ious, 0.5)
     want_keep, want_cluster = iou_guided_nms(low.float(), scores.to(dtype).float(), ious, 0.5)
@@ -552,7 +502,7 @@ def test_low_precision_boxes_computed_in_float32(dtype):
 
 
 def test_requires_grad_inputs_are_accepted():
-    boxes, scores, ious, cls = clustered(50, 5, torch.float32, seed=7)
+    boxes, scores, ious, cls = clustered(50, 5, torch.float32, seed=7, with_ious=True)
     boxes.requires_grad_(True)
     scores.requires_grad_(True)
     keep, cluster = batched_iou_guided_nms(boxes, scores, ious, cls, 0.5)
@@ -563,7 +513,7 @@ def test_requires_grad_inputs_are_accepted():
 
 
 def test_noncontiguous_boxes_work():
-    boxes, scores, ious, _ = clustered(120, 8, torch.float64, seed=12)
+    boxes, scores, ious, _ = clustered(120, 8, torch.float64, seed=12, with_ious=True)
     wide = torch.zeros(120, 8, dtype=torch.float64)
     wide[:, ::2] = boxes  # a strided view
     keep, cluster = iou_guided_nms(wide[:, ::2], scores, ious, 0.5)
@@ -579,7 +529,7 @@ def test_noncontiguous_boxes_work():
 ])
 def test_opcheck(op, args):
     nms(torch.rand(2, 4), torch.rand(2), 0.5)  # loads the library and registers the fake kernels
-    boxes, scores, _, cls = clustered(40, 4, torch.float32, seed=13, n_classes=2)
+    boxes, scores, _, cls = clustered(40, 4, torch.float32, seed=13, n_classes=2, with_ious=True)
     result = torch.library.opcheck(getattr(torch.ops.iouctl, op).default, args(boxes, scores, cls))
     assert set(result.values()) == {"SUCCESS"}, result
 
@@ -589,7 +539,7 @@ def test_opcheck(op, args):
 @pytest.mark.parametrize("ties", [False, True])
 def test_cuda_equals_cpu(dtype, ties):
     # The CUDA kernel uses round-to-nearest intrinsics for the IoU: results equal the CPU kernel's bit for bit.
-    boxes, scores, ious, cls = clustered(3000, 200, dtype, seed=14, ties=ties, n_classes=7)
+    boxes, scores, ious, cls = clustered(3000, 200, dtype, seed=14, ties=ties, n_classes=7, with_ious=True)
     boxes, scores = _with_degenerate_leaders(boxes, scores)
     dev = [t.cuda() for t in (boxes, scores, ious, cls)]
     for thr in (0.0, 0.5, 0.7):
@@ -636,7 +586,7 @@ def test_cuda_checks_equal_the_cpu_checks():
 @pytest.mark.parametrize("n, n_classes", [(40000, 3), (20000, 80), (6000, 1)])
 def test_cuda_segmented_nms_at_scale(n, n_classes):
     # above the old 32768-box mask limit, many classes, one class: always on the GPU, equal to the CPU bit for bit
-    boxes, scores, ious, cls = clustered(n, n // 15, torch.float32, seed=31, n_classes=n_classes)
+    boxes, scores, ious, cls = clustered(n, n // 15, torch.float32, seed=31, n_classes=n_classes, with_ious=True)
     dev = [t.cuda() for t in (boxes, scores, ious, cls)]
     want = batched_iou_guided_nms(boxes, scores, ious, cls, 0.5)
     got = batched_iou_guided_nms(*dev, 0.5, impl="cuda")
@@ -648,7 +598,7 @@ def test_cuda_segmented_nms_at_scale(n, n_classes):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_low_precision_boxes_equal_cpu(dtype):
-    boxes, scores, ious, cls = clustered(2000, 120, torch.float32, seed=32, n_classes=5)
+    boxes, scores, ious, cls = clustered(2000, 120, torch.float32, seed=32, n_classes=5, with_ious=True)
     boxes, scores, ious = boxes.to(dtype), scores.to(dtype), ious.to(dtype)
     want = batched_iou_guided_nms(boxes, scores, ious, cls, 0.6)
     got = batched_iou_guided_nms(*(t.cuda() for t in (boxes, scores, ious, cls)), 0.6, impl="cuda")
@@ -661,7 +611,8 @@ def test_cuda_nms_reads_back_once():
     # one device-to-host read (the number of kept boxes); the NaN checks are the Python wrappers'
     import warnings
 
-    boxes, scores, ious, cls = (t.cuda() for t in clustered(3000, 200, torch.float32, seed=33, n_classes=4))
+    boxes, scores, ious, cls = (t.cuda() for t in clustered(3000, 200, torch.float32, seed=33, n_classes=4,
+                                                            with_ious=True))
     torch.ops.iouctl.batched_iou_guided_nms(boxes, scores, ious, cls, 0.5)  # warm-up (lazy init may sync)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
@@ -677,7 +628,8 @@ def test_cuda_nms_reads_back_once():
 
 @pytest.mark.cuda
 def test_cuda_opcheck():
-    boxes, scores, _, cls = (t.cuda() for t in clustered(40, 4, torch.float32, seed=34, n_classes=2))
+    boxes, scores, _, cls = (t.cuda() for t in clustered(40, 4, torch.float32, seed=34, n_classes=2,
+                                                         with_ious=True))
     nms(boxes, scores, 0.5)
     for op, args in (("iou_guided_nms", (boxes, scores, scores.flip(0), 0.5)),
                      ("batched_iou_guided_nms", (boxes, scores, scores.flip(0), cls, 0.5))):

@@ -24,7 +24,6 @@ import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iouctl.ops import _extension
 from iouctl.ops.postprocess import (
     batched_box_voting,
     batched_cluster_nms,
@@ -37,17 +36,12 @@ from iouctl.ops.postprocess import (
     matrix_nms,
     weighted_boxes_fusion,
 )
+from tests.box_loops import NP, loop_kernel_iou, numpy_rows
+from tests.ops.common import DTYPES, IMPLS, clustered, require_library
 
-IMPLS = ["cpp", "reference"]
-DTYPES = [torch.float32, torch.float64]
-NP = {torch.float32: np.float32, torch.float64: np.float64}
 RTOL = {torch.float32: 2.4e-7, torch.float64: 1e-12}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _built():
-    assert _extension.load_library("postprocess"), \
-        f"the post-processing kernels failed to build; see {_extension.build_log('postprocess')}"
+_built = require_library("postprocess")
 
 
 def close(got: torch.Tensor, want, dtype, atol=0.0):
@@ -57,24 +51,6 @@ def close(got: torch.Tensor, want, dtype, atol=0.0):
 
 
 # ----------------------------------------------------------------------------------------------- plain loops
-def loop_iou(a, b, f):
-    """IoU of two boxes (4 numpy scalars of type f): std::max/min semantics, torchvision's term order."""
-    def mx(p, q):
-        return q if p < q else p
-
-    def mn(p, q):
-        return q if q < p else p
-
-    zero = f(0)
-    with np.errstate(all="ignore"):  # zero-area boxes give 0 / 0
-        area_a = (a[2] - a[0]) * (a[3] - a[1])
-        area_b = (b[2] - b[0]) * (b[3] - b[1])
-        w = mx(zero, mn(a[2], b[2]) - mx(a[0], b[0]))
-        h = mx(zero, mn(a[3], b[3]) - mx(a[1], b[1]))
-        inter = w * h
-        return float(inter / (area_a + area_b - inter))
-
-
 def loop_penalty(a, b, beta):
     """(rho^2 / c^2)^beta in float64 (Zheng et al. 2020), 0 when c = 0."""
     a, b = [float(v) for v in a], [float(v) for v in b]
@@ -91,23 +67,30 @@ def overlap(o):
 
 
 def prepare(boxes, scores):
-    f = NP[boxes.dtype]
-    rows = [[f(v) for v in r] for r in boxes.tolist()]
+    rows = numpy_rows(boxes)
     s = scores.double().tolist()
-    return rows, s, sorted(range(len(rows)), key=lambda i: (-s[i], i)), f
+    return rows, s, sorted(range(len(rows)), key=lambda i: (-s[i], i)), NP[boxes.dtype]
 
 
-def loop_diou_nms(boxes, scores, thr, beta):
-    rows, _, order, f = prepare(boxes, scores)
+def loop_greedy(order, suppresses):
+    """Greedy NMS over `order` (best first): a box is kept unless a kept box above it, i, suppresses it, j
+    (suppresses(i, j)). Returns the kept indices, best first."""
     keep, removed = [], set()
     for p, i in enumerate(order):
         if i in removed:
             continue
         keep.append(i)
-        for j in order[p + 1:]:
-            if loop_iou(rows[i], rows[j], f) - loop_penalty(rows[i], rows[j], beta) > thr:
-                removed.add(j)
+        removed.update(j for j in order[p + 1:] if suppresses(i, j))
     return keep
+
+
+def loop_diou_nms(boxes, scores, thr, beta):
+    rows, _, order, f = prepare(boxes, scores)
+
+    def suppresses(i, j):
+        return loop_kernel_iou(rows[i], rows[j], f) - loop_penalty(rows[i], rows[j], beta) > thr
+
+    return loop_greedy(order, suppresses)
 
 
 def loop_matrix_nms(boxes, scores, kernel, sigma):
@@ -120,13 +103,13 @@ def loop_matrix_nms(boxes, scores, kernel, sigma):
     comp = {}
     out = [0.0] * len(rows)
     for p, j in enumerate(order):
-        comp[j] = max([overlap(loop_iou(rows[i], rows[j], f)) for i in order[:p]], default=0.0)
+        comp[j] = max([overlap(loop_kernel_iou(rows[i], rows[j], f)) for i in order[:p]], default=0.0)
         decay = 1.0
         for i in order[:p]:
             den = fn(comp[i])
             if den == 0.0:
                 continue  # i duplicates a box above it: no decay of its own
-            decay = min(decay, fn(overlap(loop_iou(rows[i], rows[j], f))) / den)
+            decay = min(decay, fn(overlap(loop_kernel_iou(rows[i], rows[j], f))) / den)
         out[j] = s[j] * decay
     return out
 
@@ -137,7 +120,8 @@ def loop_cluster_nms(boxes, scores, thr, spm=False, distance=False, weighted=Fal
     X > thr; then SPM / +D / +W. Returns (keep, scores, boxes) as lists."""
     rows, s, order, f = prepare(boxes, scores)
     n = len(order)
-    iou = {(p, q): overlap(loop_iou(rows[order[p]], rows[order[q]], f)) for p in range(n) for q in range(p + 1, n)}
+    iou = {(p, q): overlap(loop_kernel_iou(rows[order[p]], rows[order[q]], f))
+           for p in range(n) for q in range(p + 1, n)}
     pen = {k: loop_penalty(rows[order[k[0]]], rows[order[k[1]]], beta) for k in iou}
     x = {k: (iou[k] - pen[k] if distance and not spm else iou[k]) for k in iou}
     keep = [True] * n
@@ -179,17 +163,12 @@ def loop_cluster_nms(boxes, scores, thr, spm=False, distance=False, weighted=Fal
 def loop_box_voting(boxes, scores, thr, vote):
     """Greedy NMS; kept box m = sum s_j b_j / sum s_j over j with IoU(m, j) >= vote, m included (Detectron)."""
     rows, s, order, f = prepare(boxes, scores)
-    keep, removed = [], set()
-    for p, i in enumerate(order):
-        if i in removed:
-            continue
-        keep.append(i)
-        removed.update(j for j in order[p + 1:] if loop_iou(rows[i], rows[j], f) > thr)
+    keep = loop_greedy(order, lambda i, j: loop_kernel_iou(rows[i], rows[j], f) > thr)
     fused = []
     for m in keep:
         acc, w = [0.0] * 4, 0.0
         for j in order:
-            if j == m or loop_iou(rows[m], rows[j], f) >= vote:
+            if j == m or loop_kernel_iou(rows[m], rows[j], f) >= vote:
                 acc = [u + s[j] * float(v) for u, v in zip(acc, rows[j])]
                 w += s[j]
         fused.append([u / w for u in acc] if w > 0 else [float(v) for v in rows[m]])
@@ -210,7 +189,7 @@ def loop_wbf(boxes, scores, labels, thr, skip, conf_type):
                 continue
             best, best_iou = -1, thr
             for c, cl in enumerate(clusters):
-                o = loop_iou([np.float64(v) for v in cl[1]], [np.float64(v) for v in b], np.float64)
+                o = loop_kernel_iou([np.float64(v) for v in cl[1]], [np.float64(v) for v in b], np.float64)
                 if o > best_iou:
                     best, best_iou = c, o
             if best < 0:
@@ -230,23 +209,6 @@ def loop_wbf(boxes, scores, labels, thr, skip, conf_type):
 
 
 # ------------------------------------------------------------------------------------------------ generators
-def clustered(n, n_centres, dtype, seed, ties=False, n_classes=1, spread=0.15):
-    """Detector-like boxes: jittered copies of a few ground-truth boxes in a 400 x 400 image."""
-    g = torch.Generator().manual_seed(seed)
-    side = torch.exp(torch.empty(n_centres).uniform_(math.log(8), math.log(200), generator=g))
-    ctr = torch.rand(n_centres, 2, generator=g) * 400
-    which = torch.randint(0, n_centres, (n,), generator=g)
-    jit = torch.randn(n, 4, generator=g) * spread
-    wh = side[which, None] * torch.exp(jit[:, 2:])
-    xy = ctr[which] + jit[:, :2] * side[which, None]
-    boxes = torch.cat([xy - wh / 2, xy + wh / 2], 1).to(dtype)
-    scores = torch.rand(n, generator=g, dtype=torch.float64)
-    if ties:
-        scores = (scores * 5).floor() / 5  # few distinct values: index tie-breaking decides
-    cls = torch.randint(0, n_classes, (n_centres,), generator=g)[which] * 7 - 3  # sparse, negative ids too
-    return boxes, scores.to(dtype), cls
-
-
 def chain(n, dtype=torch.float64):
     """n boxes in a row, each overlapping the next by IoU 0.6 and no other; scores decreasing along the row. Greedy
     NMS keeps every other box; Cluster-NMS's iteration settles one box per iteration (a chain of depth n)."""

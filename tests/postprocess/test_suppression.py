@@ -39,3 +39,25 @@ def test_greedy_arm_ranks_by_the_fused_score_of_the_detections():
     s = ranking_score(d, "fused")
     assert torch.equal(kept.scores, s[kept.index])
     assert torch.all(kept.scores[:-1] >= kept.scores[1:])
+
+
+def test_group_ids_number_image_class_pairs_in_order_and_follow_changes():
+    from iouctl.postprocess.suppression import group_ids
+
+    g = torch.Generator().manual_seed(1)
+    n = 500
+    img = torch.randint(0, 40, (n,), generator=g) * 7 - 3  # sparse ids, one negative
+    lab = torch.randint(1, 91, (n,), generator=g)
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0]]).repeat(n, 1)
+    d = Detections(img, boxes, lab, torch.rand(n, generator=g))
+    # reference: rank of each (image, label) pair among the distinct pairs sorted lexicographically, in Python
+    pairs = sorted(set(zip(img.tolist(), lab.tolist())))
+    want = torch.tensor([pairs.index(p) for p in zip(img.tolist(), lab.tolist())])
+    assert torch.equal(group_ids(d), want)
+    assert group_ids(d) is group_ids(d)  # cached: every arm of a grid reads the same groups
+    d.labels[0] = 95  # in place: the cache must notice
+    pairs = sorted(set(zip(img.tolist(), d.labels.tolist())))
+    assert torch.equal(group_ids(d), torch.tensor([pairs.index(p) for p in zip(img.tolist(), d.labels.tolist())]))
+    d.labels = torch.ones(n, dtype=torch.int64)  # a new tensor
+    pairs = sorted(set(img.tolist()))
+    assert torch.equal(group_ids(d), torch.tensor([pairs.index(i) for i in img.tolist()]))

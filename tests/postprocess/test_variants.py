@@ -13,7 +13,8 @@ from iouctl.data.detections import Detections
 from iouctl.errors import IouctlError
 from iouctl.ops import postprocess as ops
 from iouctl.postprocess.suppression import GreedyNMS, Kept, NoPredictedIoU
-from iouctl.postprocess.variants import BoxVoting, ClusterNMS, DIoUNMS, KeptBoxes, MatrixNMS, WeightedBoxesFusion
+from iouctl.postprocess.suppression import KeptBoxes
+from iouctl.postprocess.variants import BoxVoting, ClusterNMS, DIoUNMS, MatrixNMS, WeightedBoxesFusion
 
 OPTIONS = {"diou": DIoUNMS, "matrix": MatrixNMS, "cluster": ClusterNMS, "box_voting": BoxVoting,
            "wbf": WeightedBoxesFusion}
