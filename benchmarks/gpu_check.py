@@ -121,7 +121,7 @@ def build(budget: Budget) -> dict:
 
     # first use compiles: the libraries build side by side in processes of their own (into the shared kernel cache),
     # then load here from the cache
-    ops = sorted(p.name for p in _extension.kernels_dir().iterdir() if p.is_dir())
+    ops = _extension.kernel_libraries()
     code = "import sys; from iouctl.ops import _extension; sys.exit(0 if _extension.load_library(sys.argv[1]) else 1)"
     t0 = time.monotonic()
     procs = {op: subprocess.Popen([sys.executable, "-c", code, op], cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -151,6 +151,7 @@ class Run:
         self.logger = logger
         self._metrics = open(dir / "metrics.jsonl", "a", encoding="utf-8")
         self._t0 = time.time()
+        self._ops_since = _op_sequence()  # meta.json's ops: those resolved while this run was open
         self._step: Run | None = None  # the child run (step) in progress
         self._steps = 0  # steps opened so far
 
@@ -364,21 +365,28 @@ def _close_meta(run: Run, status: str) -> None:
     meta = json.loads(meta_path.read_text())
     meta.update(finished=_dt.datetime.now().isoformat(timespec="seconds"), status=status,
                 duration_s=round(time.time() - run._t0, 3))
-    ops = _op_implementations()
+    ops = _op_implementations(run._ops_since)
     if ops:
         meta["ops"] = ops
     atomic_write_json(meta_path, _json_safe(meta))
 
 
-def _op_implementations() -> dict | None:
-    """{op: implementation} as iouctl.ops resolved them in this process; None when no op was loaded (the module is
-    only looked up, never imported here: it imports torch)."""
+def _op_sequence() -> int:
+    """iouctl.ops' resolution count so far (0 before the module is loaded: it is only looked up, never imported
+    here, as it imports torch)."""
+    mark = getattr(sys.modules.get("iouctl.ops._extension"), "sequence", None)
+    return int(mark()) if callable(mark) else 0
+
+
+def _op_implementations(since: int = 0) -> dict | None:
+    """{op: implementation} as iouctl.ops resolved them in this process after the mark `since` (_op_sequence);
+    None when no op was loaded."""
     ext = sys.modules.get("iouctl.ops._extension")
     report = getattr(ext, "implementations", None)
     if not callable(report):
         return None
     try:
-        return report()
+        return report(since=since)
     except Exception as exc:  # noqa: BLE001 -- a report must not turn a finished run into a failed one
         return {"error": repr(exc)}
 

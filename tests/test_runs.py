@@ -248,7 +248,8 @@ def test_meta_records_the_runtime_and_the_ops_implementations(tmp_path, monkeypa
     import torch
 
     report = {"prroi_pool": {"impl": "cpp"}, "nms": {"impl": "reference"}}
-    monkeypatch.setitem(sys.modules, "iouctl.ops._extension", types.SimpleNamespace(implementations=lambda: report))
+    monkeypatch.setitem(sys.modules, "iouctl.ops._extension",
+                        types.SimpleNamespace(implementations=lambda since: report, sequence=lambda: 0))
     with _open(tmp_path) as run:
         run.record_runtime(torch.device("cpu"), "float32")
     meta = json.loads((run.dir / "meta.json").read_text())
@@ -258,3 +259,19 @@ def test_meta_records_the_runtime_and_the_ops_implementations(tmp_path, monkeypa
     with _open(tmp_path) as run:
         pass
     assert "ops" not in json.loads((run.dir / "meta.json").read_text())
+
+
+def test_a_run_reports_the_ops_it_used_not_the_whole_process(tmp_path):
+    """Two runs in one process (the demo's steps, a Python user): each meta.json names only the ops resolved while it
+    was open; the parent run, open throughout, names both."""
+    from iouctl.ops import _extension
+
+    with _open(tmp_path) as parent:
+        first = parent.child("first")
+        _extension.record_impl("lib_a", "op_a_for_this_test", "cpu", "reference")
+        second = parent.child("second")  # closes the first step
+        _extension.record_impl("lib_b", "op_b_for_this_test", "cpu", "reference")
+    ops = {d: json.loads((d / "meta.json").read_text()).get("ops", {}) for d in (first.dir, second.dir, parent.dir)}
+    assert "op_a_for_this_test" in ops[first.dir] and "op_b_for_this_test" not in ops[first.dir]
+    assert "op_b_for_this_test" in ops[second.dir] and "op_a_for_this_test" not in ops[second.dir]
+    assert {"op_a_for_this_test", "op_b_for_this_test"} <= set(ops[parent.dir])

@@ -308,6 +308,8 @@ def _plot(run, rows: list[dict]):
 
 def bench_pool(cfg, run) -> list[dict]:
     """`iouctl bench-pool`: run_bench_pool with the keys of conf/bench_pool.yaml."""
+    run.update_meta(device=",".join(_devices(list(cfg.devices))), dtype="float32",  # what run_bench_pool times with
+                    threads=int(cfg.threads) if cfg.threads else torch.get_num_threads())
     return run_bench_pool(
         run, impls=list(cfg.impls), devices=list(cfg.devices), feature_shape=tuple(cfg.feature_shape),
         stride=int(cfg.stride), output_size=int(cfg.output_size), num_rois=[int(k) for k in cfg.num_rois],

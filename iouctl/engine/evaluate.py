@@ -43,7 +43,7 @@ def evaluate_detections(run: Any, dets: Detections, gt: Any, nms: Any, backend: 
                         step: int | None = None) -> dict:
     """Save the raw detections, apply `nms`, report AP, the correlation of each score with the true IoU, and of the
     kept detections TIDE's error breakdown (IoU 0.5, 0.75) and the calibration of their score."""
-    dets.save(run.path("detections", f"{split}.npz"))
+    dets.save(run.detections_path(split))
     kept = nms(dets).to("cpu")  # NMS where the detections are (the model's device); the analyses on the CPU
     dets = dets.to("cpu")
     metrics = evaluate(gt, kept, backend=backend)

@@ -25,6 +25,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,16 +71,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("IOUCTL_KERNEL_CACHE") or "~/.cache/iouctl/torch_extensions").expanduser()
 
 
+def kernel_libraries() -> list[str]:
+    """The kernel libraries: the folders of kernels/ with C++ sources (one of headers only, kernels/common, is not)."""
+    root = kernels_dir()
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and any(f.suffix in _SOURCE_SUFFIXES for f in p.iterdir()))
+
+
 def _sources(op: str, with_cuda: bool) -> tuple[list[Path], list[Path]]:
     """(compiled sources of ``kernels/<op>/``, every file whose content must key its cache: those sources and every
     header under ``kernels/``, since any library may include any folder's header)."""
     root = kernels_dir()
     folder = root / op
-    # an op is a folder with C++ sources; one of headers only (kernels/common) is not
-    if not (folder.is_dir() and any(p.suffix in _SOURCE_SUFFIXES for p in folder.iterdir())):
-        valid = sorted(p.name for p in root.iterdir()
-                       if p.is_dir() and any(f.suffix in _SOURCE_SUFFIXES for f in p.iterdir()))
-        raise ValueError(f"no kernel folder kernels/{op}; valid ops: {', '.join(valid) or 'none'}")
+    if op not in kernel_libraries():
+        raise ValueError(f"no kernel folder kernels/{op}; valid ops: {', '.join(kernel_libraries()) or 'none'}")
     files = sorted(p for p in folder.iterdir() if p.is_file())
     suffixes = _SOURCE_SUFFIXES + (_CUDA_SUFFIXES if with_cuda else ())
     compiled = [p for p in files if p.suffix in suffixes]
@@ -281,14 +286,25 @@ def has_kernel(qualname: str, device_type: str) -> bool:
 def record_impl(library: str, op: str, device_type: str, kind: str) -> str:
     """Note that ``iouctl::<op>`` (of kernel library ``library``) resolved to ``kind`` on ``device_type``; returns
     ``kind``. select_impl calls it; an op that resolves on its own (e.g. a host copy) calls it too."""
+    global _sequence
     with _resolved_lock:
-        entry = _resolved.setdefault(op, {"library": library, "devices": {}})
+        _sequence += 1
+        entry = _resolved.setdefault(op, {"library": library, "devices": {}, "seen": {}})
         entry["impl"] = kind
         entry["devices"][device_type] = kind
+        entry["seen"][device_type] = _sequence
     return kind
 
 
-def implementations() -> dict[str, dict]:
+_sequence = 0  # resolutions so far: a run reports the ops resolved since it opened (implementations(since=...))
+
+
+def sequence() -> int:
+    """How many resolutions record_impl has noted in this process (a mark for implementations(since=...))."""
+    return _sequence
+
+
+def implementations(since: int = 0) -> dict[str, dict]:
     """What each op resolved to in this process, for a run's meta.json (JSON-serializable)::
 
         {"prroi_pool": {"impl": "cpp", "devices": {"cpu": "cpp"}, "library": "prroi_pool",
@@ -297,14 +313,18 @@ def implementations() -> dict[str, dict]:
 
     impl: 'cpp' | 'cuda' | 'reference' | 'direct' (the latest resolution); devices: device type -> impl;
     build_failed: the op's library failed to build or load (so 'auto' fell back to the reference); build_log: its
-    log (None when no build was tried). Ops never called in this process are absent.
+    log (None when no build was tried). Ops never called in this process are absent; with ``since`` (a
+    sequence() mark, e.g. taken when a run opened), so are the ops and devices not resolved after it.
     """
     with _resolved_lock:
         out = {}
         for op, entry in sorted(_resolved.items()):
+            devices = {d: k for d, k in entry["devices"].items() if entry["seen"][d] > since}
+            if not devices:
+                continue
             lib = entry["library"]
             log = _logs.get(lib)
-            out[op] = {"impl": entry["impl"], "devices": dict(entry["devices"]), "library": lib,
+            out[op] = {"impl": entry["impl"], "devices": devices, "library": lib,
                        "build_failed": _loaded.get(lib) is False, "build_log": str(log) if log else None}
         return out
 
@@ -416,3 +436,25 @@ def main(argv: list[str] | None = None) -> int:
     for op, (ok, log) in results.items():
         print(f"{op}: {'compiled' if ok else 'FAILED'} (log: {log})")
     return 0 if results and all(ok for ok, _ in results.values()) else 1
+
+
+def resolve_or_host_copy(library: str, impl: str, device: torch.device, op: str) -> str:
+    """select_impl, except that 'auto' for CUDA tensors takes the op's CUDA kernel when the library has one, else the
+    CPU kernel on a host copy (it beats a Python loop of tiny GPU launches), else 'reference' (library not built);
+    the choice is recorded like select_impl's. call_kernel makes the host copy."""
+    if impl == "auto" and device.type == "cuda":
+        if not load_library(library):
+            kind = "reference"
+        else:
+            kind = "cuda" if has_kernel(f"iouctl::{op}", "cuda") else "cpp"
+        return record_impl(library, op, device.type, kind)
+    return select_impl(library, impl, device, op)
+
+
+def call_kernel(op: str, device: torch.device, *args: Any) -> Any:
+    """``torch.ops.iouctl.<op>(*args)`` with its outputs on ``device``; tensors go to the host first when the op has
+    no kernel for ``device`` (see resolve_or_host_copy)."""
+    if device.type != "cpu" and not has_kernel(f"iouctl::{op}", device.type):
+        args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+    out = getattr(torch.ops.iouctl, op)(*args)
+    return out.to(device) if isinstance(out, torch.Tensor) else tuple(t.to(device) for t in out)

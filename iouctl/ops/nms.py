@@ -87,26 +87,13 @@ def _register_fakes() -> None:
 
 def _resolve(impl: str, device: torch.device, op: str) -> str:
     """'cpp' (possibly on a host copy), 'cuda' or 'reference' for tensors on ``device``."""
-    if impl == "auto" and device.type == "cuda":
-        if not _extension.load_library(_LIB):
-            kind = "reference"
-        elif _extension.has_kernel(f"iouctl::{op}", "cuda"):
-            kind = "cuda"
-        else:  # not built with CUDA: the CPU kernel on a host copy beats a Python loop of tiny GPU launches
-            kind = "cpp"
-        _extension.record_impl(_LIB, op, device.type, kind)
-    else:
-        kind = _extension.select_impl(_LIB, impl, device, op)
+    kind = _extension.resolve_or_host_copy(_LIB, impl, device, op)
     if kind != "reference":
         _register_fakes()
     return kind
 
 
-def _call_kernel(op: str, device: torch.device, *args) -> tuple[Tensor, Tensor]:
-    if device.type != "cpu" and not _extension.has_kernel(f"iouctl::{op}", device.type):
-        args = tuple(a.cpu() if isinstance(a, Tensor) else a for a in args)  # host copy (see _resolve)
-    keep, values = getattr(torch.ops.iouctl, op)(*args)
-    return keep.to(device), values.to(device)
+_call_kernel = _extension.call_kernel
 
 
 # --------------------------------------------------------------------------------------------------- validation

@@ -99,21 +99,13 @@ def _resolve(impl: str, device: torch.device, op: str) -> str:
     if impl == "cuda":
         raise ValueError("impl='cuda': the post-processing ops have no CUDA kernels; impl='auto' runs the CPU kernel "
                          "on a host copy of CUDA tensors, impl='reference' runs PyTorch on the device")
-    if impl == "auto" and device.type == "cuda":
-        kind = "cpp" if _extension.load_library(_LIB) else "reference"
-        _extension.record_impl(_LIB, op, device.type, kind)
-    else:
-        kind = _extension.select_impl(_LIB, impl, device, op)
+    kind = _extension.resolve_or_host_copy(_LIB, impl, device, op)  # no CUDA kernels: auto is cpp on a host copy
     if kind != "reference":
         _register_fakes()
     return kind
 
 
-def _call(op: str, device: torch.device, *args):
-    if device.type != "cpu":  # no CUDA kernels: the CPU kernel on a host copy (see _resolve)
-        args = tuple(a.cpu() if isinstance(a, Tensor) else a for a in args)
-    out = getattr(torch.ops.iouctl, op)(*args)
-    return out.to(device) if isinstance(out, Tensor) else tuple(t.to(device) for t in out)
+_call = _extension.call_kernel
 
 
 # --------------------------------------------------------------------------------------------------- validation

@@ -14,6 +14,9 @@ import math
 import torch
 from torch import Tensor
 
+# A bin area (cells^2) below this is empty, as kMinBinArea in kernels/prroi_pool/prroi_pool_math.h: float
+# accumulation would round it and its integral to 0.
+MIN_BIN_AREA = 1e-30
 _ROI_CHUNK = 64  # RoIs per matmul: bounds the [chunk, PH, C, W] intermediate (a few MB at C=256)
 
 
@@ -53,7 +56,8 @@ def prroi_pool_reference(input: Tensor, rois: Tensor, pooled_height: int, pooled
         input (Tensor[N, C, H, W]): features; computed in its dtype (use float64 for an oracle).
         rois (Tensor[K, 5]): (batch index, x1, y1, x2, y2) in image coordinates, multiplied by ``spatial_scale``.
     Returns:
-        Tensor[K, C, PH, PW]: bin averages; 0 for an empty or infinite bin, NaN for a box with NaN coordinates.
+        Tensor[K, C, PH, PW]: bin averages; 0 for an empty or infinite bin (or one below MIN_BIN_AREA), NaN for a
+        box with NaN coordinates.
     """
     N, C, H, W = input.shape
     K = rois.shape[0]
@@ -64,7 +68,7 @@ def prroi_pool_reference(input: Tensor, rois: Tensor, pooled_height: int, pooled
     w, h = x2 - x1, y2 - y1
     bw, bh = w / PW, h / PH
     area = bw * bh
-    normal = (w > 0) & (h > 0) & torch.isfinite(area) & (area > 0)
+    normal = (w > 0) & (h > 0) & torch.isfinite(area) & (area >= MIN_BIN_AREA)
     nan_box = torch.isnan(w) | torch.isnan(h)
     # Non-normal boxes get a harmless stand-in so that no NaN/inf enters the graph (torch.where leaks NaN grads).
     one = torch.ones_like(bw)

@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/group_order.h"
 #include "nms/nms_checks.h"
 
 // The compare-and-select loops below only vectorize when GCC may assume comparisons do not trap; values are
@@ -313,22 +314,8 @@ std::tuple<at::Tensor, at::Tensor> iou_guided_impl(
     cat = cat_t.data_ptr<int64_t>();
   }
 
-  // Positions: by class, then decreasing rank, then increasing index (a total order: no sort stability needed).
-  // The keys are sorted by value, not through indices: no cache misses in the comparisons.
-  struct Key {
-    int64_t cat;
-    double rank;
-    int64_t index;
-  };
-  std::vector<Key> keys(n);
-  for (int64_t i = 0; i < n; ++i) keys[i] = Key{cat != nullptr ? cat[i] : 0, rank[i], i};
-  std::sort(keys.begin(), keys.end(), [](const Key& a, const Key& b) {
-    if (a.cat != b.cat) return a.cat < b.cat;
-    if (a.rank != b.rank) return a.rank > b.rank;
-    return a.index < b.index;
-  });
-  std::vector<int64_t> order(n);
-  for (int64_t p = 0; p < n; ++p) order[p] = keys[p].index;
+  // Positions: by class, then decreasing rank, then increasing index.
+  const std::vector<int64_t> order = iouctl::group_order(cat, rank, n);
   Boxes<T> bx(n);
   gather_boxes<T>(boxes_c, order, bx);
 

@@ -20,6 +20,9 @@
 #include <utility>
 #include <vector>
 
+#include "common/group_order.h"
+#include "nms/nms_checks.h"
+
 // As in nms_cpu.cpp: the compare-and-select loops vectorize only when GCC may assume comparisons do not trap; values
 // are unaffected (IEEE results, NaN kept). Not -ffast-math.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -35,6 +38,7 @@ namespace {
 using iouctl::max_;
 using iouctl::min_;
 using iouctl::threshold_as;
+using iouctl::nms_checks::compute_type;  // half / bfloat16 boxes are computed in float32, as in kernels/nms
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define IOUCTL_PP_AVX2 1
@@ -68,37 +72,15 @@ struct Sorted {
   int64_t groups() const { return static_cast<int64_t>(seg.size()) - 1; }
 };
 
-void check_boxes(const at::Tensor& boxes) {
-  TORCH_CHECK_VALUE(boxes.dim() == 2 && boxes.size(1) == 4, "boxes must be Tensor[N, 4] (x1, y1, x2, y2), got shape ",
-                    boxes.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(boxes.scalar_type()), "boxes must be floating point, got ",
-                    boxes.scalar_type());
-  TORCH_CHECK_VALUE(boxes.size(0) < std::numeric_limits<int32_t>::max(), "at most 2^31 - 2 boxes are supported, got ",
-                    boxes.size(0));
-}
-
+// The NMS family's checks (kernels/nms): both libraries accept and reject the same boxes, scores and group ids.
 void check_inputs(const at::Tensor& boxes, const at::Tensor& scores, const std::optional<at::Tensor>& idxs) {
-  check_boxes(boxes);
-  const int64_t n = boxes.size(0);
-  TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) == n, "scores must be Tensor[N] with N = ", n,
-                    " (one per box), got shape ", scores.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(scores.scalar_type()), "scores must be floating point, got ",
-                    scores.scalar_type());
-  if (idxs.has_value()) {
-    TORCH_CHECK_VALUE(idxs->dim() == 1 && idxs->size(0) == n, "idxs must be Tensor[N] with N = ", n,
-                      " (one per box), got shape ", idxs->sizes());
-    TORCH_CHECK_VALUE(at::isIntegralType(idxs->scalar_type(), /*includeBool=*/false),
-                      "idxs must be an integer tensor of group ids, got ", idxs->scalar_type());
-  }
+  iouctl::nms_checks::check_boxes(boxes);
+  iouctl::nms_checks::check_vector(scores, "scores", boxes, /*floating=*/true);
+  if (idxs.has_value()) iouctl::nms_checks::check_vector(*idxs, "idxs", boxes, /*floating=*/false);
 }
 
 void check_unit(double v, const char* name) {
   TORCH_CHECK_VALUE(v >= 0.0 && v <= 1.0, name, " must be in [0, 1], got ", v);
-}
-
-at::ScalarType compute_type(const at::Tensor& boxes) {
-  // half / bfloat16 boxes are computed in float32, as in kernels/nms
-  return boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 template <typename T>
@@ -118,33 +100,20 @@ Sorted<T> prepare(const at::Tensor& boxes, const at::Tensor& scores, const std::
     cat_t = idxs->to(at::kCPU, at::kLong).contiguous();
     cat = cat_t.data_ptr<int64_t>();
   }
-  struct Key {
-    int64_t cat;
-    double score;
-    int64_t index;
-  };
-  std::vector<Key> keys(n);
-  for (int64_t i = 0; i < n; ++i) keys[i] = Key{cat != nullptr ? cat[i] : 0, sc[i], i};
-  std::sort(keys.begin(), keys.end(), [](const Key& a, const Key& b) {
-    if (a.cat != b.cat) return a.cat < b.cat;
-    if (a.score != b.score) return a.score > b.score;
-    return a.index < b.index;
-  });
-  s.order.resize(n);
+  s.order = iouctl::group_order(cat, sc, n);
   s.score.resize(n);
   s.x1.resize(n); s.y1.resize(n); s.x2.resize(n); s.y2.resize(n); s.area.resize(n);
   const T* b = boxes_c.data_ptr<T>();
   for (int64_t p = 0; p < n; ++p) {
-    const int64_t i = keys[p].index;
-    s.order[p] = i;
-    s.score[p] = keys[p].score;
+    const int64_t i = s.order[p];
+    s.score[p] = sc[i];
     const T x1 = b[4 * i], y1 = b[4 * i + 1], x2 = b[4 * i + 2], y2 = b[4 * i + 3];
     s.x1[p] = x1; s.y1[p] = y1; s.x2[p] = x2; s.y2[p] = y2;
     s.area[p] = iouctl::box_area<T>(x1, y1, x2, y2);
   }
   s.seg.push_back(0);
   for (int64_t p = 1; p < n; ++p)
-    if (keys[p].cat != keys[p - 1].cat) s.seg.push_back(p);
+    if (cat != nullptr && cat[s.order[p]] != cat[s.order[p - 1]]) s.seg.push_back(p);
   s.seg.push_back(n);  // no boxes: one empty group
   return s;
 }

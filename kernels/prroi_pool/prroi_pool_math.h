@@ -22,12 +22,16 @@
 namespace iouctl {
 namespace prroi {
 
-// RoI status: normal; empty (width or height <= 0, or an infinite/zero bin area: outputs 0); NaN coordinate (outputs
-// NaN); batch index not an integer in [0, N) (the host raises; a kernel that meets one anyway outputs NaN).
+// RoI status: normal; empty (width or height <= 0, or an infinite bin area or one below kMinBinArea: outputs 0);
+// NaN coordinate (outputs NaN); batch index not an integer in [0, N) (the host raises; a kernel that meets one
+// anyway outputs NaN).
 constexpr int32_t kNormal = 0, kEmpty = 1, kNaN = 2, kBadBatch = 3;
 // A bin side below kThinSide cells is "thin": the CPU default sums it directly instead of through prefix sums, and
 // its box gradient is taken in float64 (its terms are ~1/side and cancel; float would keep ~eps / side of them).
 constexpr double kThinSide = 1.0 / 64;
+// A bin area below kMinBinArea (cells^2) is empty: float accumulation (half/bfloat16/float32 inputs, the CUDA kernel
+// and the "direct" path) would round it and its integral to 0 and output 0/0; every path uses the same rule.
+constexpr double kMinBinArea = 1e-30;  // also iouctl.ops.reference.MIN_BIN_AREA
 
 IOUCTL_HOST_DEVICE bool is_nan(double x) { return x != x; }
 IOUCTL_HOST_DEVICE bool is_finite(double x) { return x - x == 0.0; }  // inf - inf and NaN - NaN are NaN
@@ -67,7 +71,7 @@ IOUCTL_HOST_DEVICE RoiGeom roi_geometry(const double* roi, int64_t N, int64_t PH
   g.bw = g.w / static_cast<double>(PW);
   g.bh = g.h / static_cast<double>(PH);
   g.area = g.bw * g.bh;
-  g.status = (g.w > 0 && g.h > 0 && is_finite(g.area) && g.area > 0) ? kNormal : kEmpty;
+  g.status = (g.w > 0 && g.h > 0 && is_finite(g.area) && g.area >= kMinBinArea) ? kNormal : kEmpty;
   g.thin = g.status == kNormal && (g.bw < kThinSide || g.bh < kThinSide);
   return g;
 }

@@ -12,6 +12,18 @@ import torch
 from iouctl.data.detections import Detections
 
 
+def make_dets(rows) -> Detections:
+    """rows: (image_id, [x1, y1, x2, y2], category_id, cls score[, predicted IoU]), float64 boxes and scores."""
+    ious = [r[4] for r in rows] if rows and len(rows[0]) > 4 else None
+    return Detections(
+        torch.tensor([r[0] for r in rows], dtype=torch.int64),
+        torch.tensor([r[1] for r in rows], dtype=torch.float64).reshape(-1, 4),
+        torch.tensor([r[2] for r in rows], dtype=torch.int64),
+        torch.tensor([r[3] for r in rows], dtype=torch.float64),
+        None if ious is None else torch.tensor(ious, dtype=torch.float64),
+    )
+
+
 def write_gt(path: Path, images: list[dict], annotations: list[dict], categories: list[int]) -> Path:
     path.write_text(
         json.dumps(

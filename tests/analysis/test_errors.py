@@ -17,21 +17,13 @@ from iouctl.analysis import errors as errmod
 from iouctl.analysis.groundtruth import GroundTruthError
 from iouctl.data.detections import Detections
 
-from .conftest import jitter_dets, random_gt, write_gt
+from tests.box_loops import loop_iou as box_iou
+
+from .conftest import jitter_dets, make_dets, random_gt, write_gt
 
 # AP values are means of float64 precisions; two correct implementations differ only by summation order (~1e-16).
 AP_ATOL = 1e-12
 RECALL = np.linspace(0.0, 1.0, 101)
-
-
-def make_dets(rows):
-    """rows: (image_id, [x1, y1, x2, y2], category_id, score)."""
-    return Detections(
-        torch.tensor([r[0] for r in rows], dtype=torch.int64),
-        torch.tensor([r[1] for r in rows], dtype=torch.float64).reshape(-1, 4),
-        torch.tensor([r[2] for r in rows], dtype=torch.int64),
-        torch.tensor([r[3] for r in rows], dtype=torch.float64),
-    )
 
 
 def ann(i, image_id, xyxy, cat, crowd=0):
@@ -94,14 +86,6 @@ def test_scene_loc_error_on_a_used_ground_truth_is_removed_not_promoted(scene, t
 
 
 # ---------------------------------------------------------------- plain-loop reference of the definitions
-def box_iou(a, b):
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def ref_class_ap(items, n_gt):
     """items: list of (sort key, is_tp) of one class; cocoeval's 101-point interpolated AP."""
     if n_gt == 0:

@@ -14,15 +14,9 @@ from iouctl.analysis import (
 )
 from iouctl.data.detections import Detections
 
-from .conftest import jitter_dets, random_gt, write_gt
+from tests.box_loops import loop_iou as box_iou
 
-
-def box_iou(a, b):
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+from .conftest import jitter_dets, make_dets, random_gt, write_gt
 
 
 class LoopNMS:
@@ -62,17 +56,6 @@ def loop_true_iou(gt_path, d):
             best = max(best, box_iou(d.boxes[k].double().tolist(), [x, y, x + w, y + h]))
         out.append(best)
     return torch.tensor(out, dtype=torch.float64)
-
-
-def make_dets(rows):
-    """rows: (image_id, box, category, cls score, predicted IoU)."""
-    return Detections(
-        torch.tensor([r[0] for r in rows], dtype=torch.int64),
-        torch.tensor([r[1] for r in rows], dtype=torch.float64).reshape(-1, 4),
-        torch.tensor([r[2] for r in rows], dtype=torch.int64),
-        torch.tensor([r[3] for r in rows], dtype=torch.float64),
-        torch.tensor([r[4] for r in rows], dtype=torch.float64),
-    )
 
 
 def pyco(g, d):

@@ -252,3 +252,22 @@ def test_arms_in_worker_processes_equal_the_serial_run(tmp_path):
     assert list(phases) == ["load", "true_iou", "shared", "arms", "outputs"]
     assert set(phases["arms"]["per_arm_phase"]) == {"nms", "evaluate", "analyses", "oracle"}
 
+
+
+def test_worker_count_follows_cores_arms_and_free_memory(monkeypatch):
+    """workers=0: one per core, no more than the arms, and no more than half the free memory holds."""
+    from types import SimpleNamespace
+
+    from iouctl.engine import nms_ablate as engine
+
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    per_worker = engine.WORKER_BYTES_FIXED + engine.WORKER_BYTES_PER_DET * 5_000_000  # COCO: 5000 images x 1000
+    monkeypatch.setattr(engine, "_available_memory", lambda: 8 * per_worker)
+    auto = SimpleNamespace(workers=0)
+    assert engine._workers(auto, 41, 5_000_000) == 4
+    assert engine._workers(auto, 41, 1_000) == 16 and engine._workers(auto, 3, 1_000) == 3
+    monkeypatch.setattr(engine, "_available_memory", lambda: 0)
+    assert engine._workers(auto, 41, 5_000_000) == 1
+    assert engine._workers(SimpleNamespace(workers=6), 41, 5_000_000) == 6  # an explicit count is the user's
+    monkeypatch.setattr(engine, "_available_memory", lambda: None)
+    assert engine._workers(auto, 41, 5_000_000) == 16

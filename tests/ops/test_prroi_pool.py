@@ -452,6 +452,33 @@ def _coord():
     return st.one_of(near, near, finite, huge, special)
 
 
+@pytest.mark.parametrize("impl", ["cpp", "direct", "reference"])
+@pytest.mark.parametrize("side", [1.401298464324817e-45, 1e-36, 1e-31])
+def test_a_bin_area_float_cannot_hold_is_empty_on_every_path(impl, side):
+    """A box of height `side` (a subnormal float32 among them) has a bin area below 1e-30 cells^2: float accumulation
+    (the CUDA kernel's and the direct path's) would divide 0 by 0, so every path outputs 0 and zero gradients, as for
+    a zero-height box. A box with a bin area above the bound is pooled (next test)."""
+    x = (torch.arange(2 * 3 * 7 * 8, dtype=torch.float32).reshape(2, 3, 7, 8) / 100).requires_grad_()
+    rois = torch.tensor([[0.0, 0.0, 0.0, 1.0, side]]).requires_grad_()
+    out = prroi_pool(x, rois, (2, 3), impl=impl)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(rois.grad, torch.zeros_like(rois))
+
+
+@pytest.mark.parametrize("impl", ["cpp", "direct"])
+def test_a_thin_box_above_the_bound_is_pooled(impl):
+    """Height 1e-20 px (bin area ~1.7e-21 cells^2, 2x3 bins): pooled, as the limit of the bin averages, the average of
+    the line y = 0 over each bin: plane[c, 0, x] = (56 c + x) / 100, so bin q of [0, 1] averages (56 c + (q + 0.5) / 3)
+    / 100. (The pure-PyTorch reference integrates by differences of prefix integrals and loses such a bin to
+    cancellation: 0.)"""
+    x = torch.arange(2 * 3 * 7 * 8, dtype=torch.float32).reshape(2, 3, 7, 8) / 100
+    got = prroi_pool(x, torch.tensor([[0.0, 0.0, 0.0, 1.0, 1e-20]]), (2, 3), impl=impl).double()
+    c, q = torch.arange(3, dtype=torch.float64).view(3, 1, 1), torch.arange(3, dtype=torch.float64).view(1, 1, 3)
+    want = ((56 * c + (q + 0.5) / 3) / 100).expand(3, 2, 3).unsqueeze(0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)  # float32 inputs and accumulation
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(boxes=st.lists(st.tuples(st.integers(0, 1), _coord(), _coord(), _coord(), _coord()), min_size=1,
                       max_size=64),
