@@ -28,6 +28,7 @@ from iouctl.analysis.oracle import OracleInputs, oracle_inputs, oracle_report, o
 from iouctl.data.detections import Detections
 from iouctl.engine.prepare import check_detections_data, dataset_record, ground_truth, prepare_dataset
 from iouctl.errors import IouctlError
+from iouctl.ops import _extension
 from iouctl.postprocess.suppression import all_scores, group_ids
 
 ARM_PHASES = ("nms", "evaluate", "analyses", "oracle")  # what each arm's task times (results.json "phases")
@@ -236,15 +237,26 @@ def _run_arms(shared: _Shared, workers: int):
         # fork: the workers inherit _SHARED without a copy; one thread each, the cores are the processes'
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                  initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            futures = [pool.submit(_arm, i) for i in range(len(shared.arms))]
+            futures = [pool.submit(_arm_in_worker, i) for i in range(len(shared.arms))]
             try:
                 for f in as_completed(futures):
-                    yield f.result()
+                    res, ops = f.result()
+                    for op, entry in ops.items():  # the run's meta.json names what its workers ran
+                        for device_type, kind in entry["devices"].items():
+                            _extension.record_impl(entry["library"], op, device_type, kind)
+                    yield res
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # an arm failed (or ^C): do not run the rest first
                 raise
     finally:
         _SHARED = None
+
+
+def _arm_in_worker(i: int) -> tuple[dict, dict]:
+    """_arm(i) in a worker process, with the ops implementations it resolved (iouctl.ops.implementations)."""
+    mark = _extension.sequence()
+    res = _arm(i)
+    return res, _extension.implementations(since=mark)
 
 
 def _arm(i: int) -> dict:

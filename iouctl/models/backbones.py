@@ -70,7 +70,7 @@ def load_failure(exc: BaseException) -> str:
     if "Weights only load failed" in text:
         found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
         return f"not a file of tensors torch wrote ({found.group(1).strip() if found else 'unreadable'})"
-    return f"not a torch file ({type(exc).__name__}: {text.splitlines()[0][:120]})"
+    return f"not a file of tensors torch wrote ({type(exc).__name__}: {text.splitlines()[0][:120]})"
 
 
 def _cached_imagenet(name: str) -> Path:

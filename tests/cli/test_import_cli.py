@@ -10,6 +10,7 @@ from tests.data.import_fixtures import draw, make_csv, make_voc, make_yolo, voc_
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_import_prints_summary_and_how_to_use_it(tmp_path):
     src = make_voc(tmp_path / "src")
     (src / "Annotations" / "a.xml").write_text(voc_xml("a.png", [voc_object("Tree", (5, 7, 20, 30), difficult=1),

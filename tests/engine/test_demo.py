@@ -82,6 +82,7 @@ def test_demo_tiny(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "no box-differentiable IoU head" in r.stderr
 
 
+@pytest.mark.slow
 def test_demo_bad_step_override_fails_before_running(tmp_path):
     r = runner.invoke(app, ["demo", "data.seed=abc", f"paths.runs_dir={tmp_path}"])
     assert r.exit_code == 2 and "'data.seed'" in r.stderr
@@ -97,6 +98,7 @@ def test_demo_bad_step_override_fails_before_running(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_the_default_demo_trains_both_detector_families():
     """conf/demo.yaml: iou_net's study, and iou_retina with its own inference and its cls vs fused arms."""
     from iouctl.engine.compose import compose

@@ -108,6 +108,7 @@ def image(seed=0):
 
 
 # ------------------------------------------------------------------------------------------------- Faster R-CNN
+@pytest.mark.slow
 def test_fasterrcnn_v1_loads_what_torchvision_computes_and_reinitialises_the_classes(files):
     path, tv = files["fasterrcnn_resnet50_fpn"]
     file = torch.load(path, weights_only=True)
