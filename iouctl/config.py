@@ -420,7 +420,7 @@ def overrides_restoring(command: str, saved: dict, groups: Sequence[str], given:
     recorded: the option it chose in each group (`choices`; for a run that recorded none, the option file closest to
     its config), its own overrides of those groups (`saved_overrides`), then its value (`saved`, its config.yaml) of
     each key that still comes out different (an experiment's setting, a default changed since the run), and its
-    name. A key the option has gained since the run takes that option's default. What the user's own overrides
+    name unless a group is chosen anew. A key the option has gained since the run takes that option's default. What the user's own overrides
     `given` set is left to them: a group chosen anew keeps that option's values."""
     keys = [_override_key(o) for o in given]
 
@@ -441,7 +441,8 @@ def overrides_restoring(command: str, saved: dict, groups: Sequence[str], given:
             have = leaves(OmegaConf.to_container(now[group]) if group in now else None, group)
             out += [f"{k}={_override_value(v)}" for k, v in leaves(saved[group], group).items()
                     if k in have and have[k] != v and not given_sets(k)]  # a key the code no longer has: dropped
-    if "name" in saved and "name" not in keys:
+    anew = [g for g in groups if g in keys and isinstance(saved.get(g), dict)]
+    if "name" in saved and "name" not in keys and not anew:  # model=faster_rcnn on an iou_net run: not "iou_net"
         out.append(f"name={_override_value(saved['name'])}")
     return out
 

@@ -79,6 +79,7 @@ def test_the_users_overrides_win(tmp_path):
     assert cfg.model.box_score_thresh == 0.3 and cfg.data.num_val == 2 and cfg.data.num_train == 8
     cfg = _restore("eval", d, ["model=iou_retina"])  # a group chosen anew keeps that option's values
     assert cfg.model._target_.endswith("retinanet") and cfg.model.min_size == 128 and cfg.data.num_train == 8
+    assert cfg.name == "iou_retina"  # and the run is named for it, not for the restored iou_net
 
 
 @pytest.mark.slow

@@ -165,6 +165,7 @@ def test_refine_mirror(mirrored):
     assert {"refinement", "plots/true_iou_before_after"} <= _media(row) and "mean_true_iou_after" in row
 
 
+@pytest.mark.slow
 def test_rows_are_kept_whatever_the_order_of_steps(tmp_path):
     """Plots before their row, rows without a step among rows with one, a step repeated or going back, a 0-d tensor:
     wandb gets every value, at increasing steps."""

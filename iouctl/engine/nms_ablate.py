@@ -72,8 +72,10 @@ def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, grid: list, detecti
         names = [n for n, a in zip(names, arms) if not a.needs_iou]
         arms = [a for a in arms if not a.needs_iou]
         if len(arms) == 1 and any(a.needs_iou for a in grid):
-            raise IouctlError("every selected arm needs predicted IoUs, but these detections come from a model "
-                              "without an IoU head; use detections of iou_retina/iou_net or --score cls")
+            raise IouctlError(f"no arm left to compare with the baseline {base_name}: the other selected arms need "
+                              "predicted IoUs, and these detections come from a model without an IoU head; select "
+                              "more cls arms (e.g. methods=[greedy,soft_gaussian] or --score cls) or use detections "
+                              "of iou_retina/iou_net")
     clock.phase("load")
 
     # Correlations of each score with the true IoU, before NMS.

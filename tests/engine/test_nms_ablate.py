@@ -116,6 +116,9 @@ def test_detections_without_iou_head(cache):
     base = [*TINY, f"paths.runs_dir={cache / 'runs'}", f"run={path}"]
     r = runner.invoke(app, ["nms-ablate", "--score", "iou", *base])
     assert r.exit_code == 2 and "without an IoU head" in r.stderr and "Traceback" not in r.output
+    # only the baseline's own twin is a cls arm: nothing to compare, said as such
+    r = runner.invoke(app, ["nms-ablate", "methods=[greedy]", "iou_thresholds=[0.5]", *base])
+    assert r.exit_code == 2 and "no arm left to compare with the baseline greedy[cls]@0.5" in r.stderr
     r = runner.invoke(app, ["nms-ablate", *base])
     assert r.exit_code == 0, r.output
     assert "need predicted IoUs" in r.stderr

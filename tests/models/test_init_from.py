@@ -24,6 +24,8 @@ from iouctl.models.rcnn import faster_rcnn
 from iouctl.models.retina import retinanet
 from tests.models.test_rcnn import one_thread  # noqa: F401 -- its autouse fixture: one intra-op thread
 
+pytestmark = pytest.mark.slow  # builds torchvision detectors (ResNet-50 FPN): ~1-2 s per test
+
 TV_RCNN = [32, 64, 128, 256, 512]
 
 
@@ -108,7 +110,6 @@ def image(seed=0):
 
 
 # ------------------------------------------------------------------------------------------------- Faster R-CNN
-@pytest.mark.slow
 def test_fasterrcnn_v1_loads_what_torchvision_computes_and_reinitialises_the_classes(files):
     path, tv = files["fasterrcnn_resnet50_fpn"]
     file = torch.load(path, weights_only=True)
@@ -356,7 +357,6 @@ def test_unreadable_or_foreign_files_are_one_line(tmp_path, models, name, conten
 
 
 # ----------------------------------------------------------------------------------------------------- training
-@pytest.mark.slow
 def test_train_prints_and_records_the_summary_and_resume_keeps_the_checkpoint(files, tmp_path):
     from iouctl.cli import app
 

@@ -137,6 +137,7 @@ def test_image_without_boxes_trains():
     sum(losses.values()).backward()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("iou_head", [False, True])
 def test_a_few_steps_reduce_the_loss(iou_head):
     torch.manual_seed(0)

@@ -252,6 +252,7 @@ def test_a_few_steps_reduce_the_loss(quality):
         assert history[-1][term] < history[0][term]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quality", ["iou_cls", "qfl"])
 def test_a_few_steps_teach_the_joint_score(quality, monkeypatch):
     """Their loss follows a moving target (the IoU of boxes that improve), so judge what it trains: the score of a

@@ -142,6 +142,7 @@ def test_cluster_score_is_max_of_suppressed_cls():
     assert torch.equal(cluster, scores[[0, 2]])  # box 1's cluster {1, 0, 3} has best cls 0.9 (box 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ties", [False, True])
 def test_greedy_equals_torchvision(dtype, ties):

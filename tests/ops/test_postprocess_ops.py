@@ -623,6 +623,7 @@ def test_kernels_check_their_input_when_called_directly():
 _coord = st.sampled_from([0.0, 1.0, 2.0, 2.5, 5.0, 10.0, 10.5, 20.0, -3.0])
 
 
+@pytest.mark.slow
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), n=st.integers(0, 16), dtype=st.sampled_from(DTYPES), thr=st.sampled_from([0.0, 0.3, 0.5, 1.0]))
 def test_fuzz_no_crash_and_kernel_equals_reference(data, n, dtype, thr):

@@ -345,6 +345,7 @@ def test_gradcheck_float64(impl):
     assert torch.autograd.gradcheck(f, (x, coords), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_direct_opcheck(dtype):
     prroi_pool(torch.zeros(1, 1, 2, 2), torch.zeros(1, 5), 1, impl="direct")  # loads and registers
