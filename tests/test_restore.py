@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from iouctl import config
 from iouctl.cli.common import run_experiment
 from iouctl.errors import ConfigError
+from tests.lanes import sample
 
 TINY = ["experiment=tiny", "data.num_train=8", "data.num_val=4"]
 
@@ -173,13 +174,13 @@ def test_nms_ablate_finds_the_detections_of_a_demos_train_step(tmp_path):
     assert any("iou_guided" in op and ops[op]["impl"] in ("cpp", "reference") for op in ops), ops
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize("args, message", sample([
     (["eval"], "no completed train run under"),
     (["refine"], "no completed train/eval run of a model with a box-differentiable IoU head under"),
     (["nms-ablate", "--score", "iou"], "no completed eval/train run under"),
     (["refine", "run={runs}/nope"], "no such run folder"),
     (["eval", "run={demo}"], "has no checkpoints/last.pt"),
-])
+], 2))
 def test_a_failed_lookup_makes_no_run_folder(tmp_path, args, message):
     from typer.testing import CliRunner
 

@@ -164,7 +164,8 @@ def runs(
         from rich.console import Console
 
         from iouctl import config
-        from iouctl.cli.common import compose, err_console
+        from iouctl.cli.common import err_console
+        from iouctl.engine.compose import compose
         from iouctl.errors import IouctlError
         from iouctl.runs import list_runs, runs_table
 
@@ -188,7 +189,7 @@ def demo(overrides: Optional[List[str]] = Overrides, cfg: bool = PrintCfg) -> No
     fused rankings (retina beside it: the train-retina step); a short pooling benchmark; summary table and report.md."""
     if not cfg:
         with user_errors():  # a bad override of any step fails before any run directory is made
-            from iouctl.cli.common import compose
+            from iouctl.engine.compose import compose
             from iouctl.engine.demo import plan
 
             plan(compose("demo", overrides), overrides or [])

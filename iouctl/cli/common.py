@@ -20,7 +20,8 @@ except ImportError:
 from rich.console import Console
 from rich.markup import escape
 
-from iouctl.engine import compose as engine_compose, experiment as engine_experiment
+from iouctl.engine import experiment as engine_experiment
+from iouctl.engine.compose import compose
 from iouctl.errors import IouctlError
 
 # Piped or captured output gets 120 columns rather than rich's 80, so result tables stay readable in logs.
@@ -123,17 +124,6 @@ def user_errors(run_dir: Any = None) -> Iterator[None]:
             where = f"; run marked INTERRUPTED: {run_dir()}" if run_dir and run_dir() else ""
             fail(f"terminated (SIGTERM){where}", 143)
         raise
-
-
-# A command's config is composed as the engine composes it (iouctl.engine.compose): the model's own inference, the
-# checks the schema cannot make; the run folder's name is checked as the engine opens it.
-compose = engine_compose.compose
-own_inference = engine_compose.own_inference
-_model_inference = engine_compose.model_inference
-inference_note = engine_compose.inference_note
-_check_override_keys = engine_compose.check_override_keys
-MAX_NAME_BYTES = engine_experiment.MAX_NAME_BYTES
-check_run_name = engine_experiment.check_run_name
 
 
 def print_config(cfg: Any) -> None:

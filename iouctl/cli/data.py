@@ -10,7 +10,8 @@ import typer
 
 from rich.markup import escape
 
-from iouctl.cli.common import Overrides, PrintCfg, compose, err_console, fail, print_config, run_experiment, user_errors
+from iouctl.cli.common import Overrides, PrintCfg, err_console, fail, print_config, run_experiment, user_errors
+from iouctl.engine.compose import compose
 from iouctl.schema import SCORES
 
 data_app = typer.Typer(help="Datasets: generate the built-in one, check a COCO one, preview, import VOC/YOLO/CSV.",

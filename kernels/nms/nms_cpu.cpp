@@ -18,42 +18,19 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_vectorize.h"
 #include "common/group_order.h"
 #include "nms/nms_checks.h"
 
-// The compare-and-select loops below only vectorize when GCC may assume comparisons do not trap; values are
-// unaffected (IEEE results, NaN and signed zeros are kept). Not -ffast-math: keep sets must match torchvision's.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#endif
-
-// After the pragma, so that the shared math gets the same optimize options as the loops it is inlined into (GCC does
-// not inline across differing options).
+IOUCTL_VECTORIZE_BEGIN
 #include "nms/nms_math.h"
 
 namespace {
 
+using iouctl::cpu_has_avx2;
 using iouctl::max_;
 using iouctl::min_;
 using iouctl::threshold_as;
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define IOUCTL_NMS_AVX2 1
-#define IOUCTL_INLINE inline __attribute__((always_inline))
-#else
-#define IOUCTL_NMS_AVX2 0
-#define IOUCTL_INLINE inline
-#endif
-
-bool cpu_has_avx2() {
-#if IOUCTL_NMS_AVX2
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-#else
-  return false;
-#endif
-}
 
 // Owner ids share the lane width of T so the compare-and-select vectorizes (int32 with float, int64 with double).
 template <typename T>
@@ -69,7 +46,7 @@ struct Boxes {  // sorted structure-of-arrays copy of the boxes
 // Greedy NMS over positions [a, b) already in rank order. owner[j] = -1 (alive) on entry; on exit owner[j] is the
 // position of the kept box that suppressed j (a kept box owns itself).
 template <typename T>
-IOUCTL_INLINE void greedy_segment_body(
+IOUCTL_ALWAYS_INLINE void greedy_segment_body(
     const T* __restrict x1, const T* __restrict y1, const T* __restrict x2, const T* __restrict y2,
     const T* __restrict area, owner_t<T>* __restrict owner, int64_t a, int64_t b, T thr) {
   using O = owner_t<T>;
@@ -93,7 +70,7 @@ void greedy_segment_default(const Boxes<T>& bx, owner_t<T>* owner, int64_t a, in
   greedy_segment_body<T>(bx.x1.data(), bx.y1.data(), bx.x2.data(), bx.y2.data(), bx.area.data(), owner, a, b, thr);
 }
 
-#if IOUCTL_NMS_AVX2
+#if IOUCTL_AVX2
 template <typename T>
 __attribute__((target("avx2"))) void greedy_segment_avx2(
     const Boxes<T>& bx, owner_t<T>* owner, int64_t a, int64_t b, T thr) {
@@ -103,7 +80,7 @@ __attribute__((target("avx2"))) void greedy_segment_avx2(
 
 template <typename T>
 void greedy_segment(const Boxes<T>& bx, owner_t<T>* owner, int64_t a, int64_t b, T thr) {
-#if IOUCTL_NMS_AVX2
+#if IOUCTL_AVX2
   if (cpu_has_avx2()) return greedy_segment_avx2<T>(bx, owner, a, b, thr);
 #endif
   greedy_segment_default<T>(bx, owner, a, b, thr);
@@ -122,7 +99,7 @@ constexpr int64_t kBlock = 64;
 // s: float64 scores, dead entries hold -inf (live ones are finite and >= score_threshold).
 // Selection: highest score, ties by lowest original index. Appends (original index, score) in selection order.
 template <typename T>
-IOUCTL_INLINE void soft_segment_body(
+IOUCTL_ALWAYS_INLINE void soft_segment_body(
     const T* __restrict x1, const T* __restrict y1, const T* __restrict x2, const T* __restrict y2,
     const T* __restrict area, double* __restrict s, const int64_t* __restrict idx, int64_t n, bool gaussian,
     double sigma, T thr, double score_threshold, std::vector<int64_t>& keep, std::vector<double>& kept_scores) {
@@ -215,7 +192,7 @@ void soft_segment_default(
                        keep, kept_scores);
 }
 
-#if IOUCTL_NMS_AVX2
+#if IOUCTL_AVX2
 template <typename T>
 __attribute__((target("avx2"))) void soft_segment_avx2(
     const Boxes<T>& bx, double* s, const int64_t* idx, int64_t a, int64_t n, const SoftArgs& p,
@@ -230,7 +207,7 @@ template <typename T>
 void soft_segment(
     const Boxes<T>& bx, double* s, const int64_t* idx, int64_t a, int64_t n, const SoftArgs& p,
     std::vector<int64_t>& keep, std::vector<double>& kept_scores) {
-#if IOUCTL_NMS_AVX2
+#if IOUCTL_AVX2
   if (cpu_has_avx2()) return soft_segment_avx2<T>(bx, s, idx, a, n, p, keep, kept_scores);
 #endif
   soft_segment_default<T>(bx, s, idx, a, n, p, keep, kept_scores);
@@ -511,9 +488,7 @@ std::tuple<at::Tensor, at::Tensor> batched_soft_nms_cpu(
 
 }  // namespace
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
+IOUCTL_VECTORIZE_END
 
 TORCH_LIBRARY_IMPL(iouctl, CPU, m) {
   m.impl("iou_guided_nms", TORCH_FN(IoUGuidedCpu::nms));

@@ -20,42 +20,20 @@
 #include <utility>
 #include <vector>
 
+#include "common/cpu_vectorize.h"
 #include "common/group_order.h"
 #include "nms/nms_checks.h"
 
-// As in nms_cpu.cpp: the compare-and-select loops vectorize only when GCC may assume comparisons do not trap; values
-// are unaffected (IEEE results, NaN kept). Not -ffast-math.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#endif
-
-// After the pragma, so that the shared math gets the options of the loops it is inlined into.
+IOUCTL_VECTORIZE_BEGIN
 #include "postprocess/postprocess_math.h"
 
 namespace {
 
+using iouctl::cpu_has_avx2;
 using iouctl::max_;
 using iouctl::min_;
 using iouctl::threshold_as;
 using iouctl::nms_checks::compute_type;  // half / bfloat16 boxes are computed in float32, as in kernels/nms
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define IOUCTL_PP_AVX2 1
-#define IOUCTL_PP_INLINE inline __attribute__((always_inline))
-#else
-#define IOUCTL_PP_AVX2 0
-#define IOUCTL_PP_INLINE inline
-#endif
-
-bool cpu_has_avx2() {
-#if IOUCTL_PP_AVX2
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-#else
-  return false;
-#endif
-}
 
 constexpr int64_t kChunk = 512;  // IoUs computed (vectorized) per chunk before the scalar rules read them
 
@@ -129,7 +107,7 @@ int64_t group_grain(const std::vector<int64_t>& seg) {
 // ---------------------------------------------------------------------------------------------------------------
 // IoUs of box i with boxes [j0, j0 + len): the vectorized inner loop of every pairwise scan.
 template <typename T>
-IOUCTL_PP_INLINE void iou_row_body(const T* __restrict x1, const T* __restrict y1, const T* __restrict x2,
+IOUCTL_ALWAYS_INLINE void iou_row_body(const T* __restrict x1, const T* __restrict y1, const T* __restrict x2,
                                    const T* __restrict y2, const T* __restrict area, int64_t i, int64_t j0,
                                    int64_t len, T* __restrict out) {
   const T ix1 = x1[i], iy1 = y1[i], ix2 = x2[i], iy2 = y2[i], ia = area[i];
@@ -143,7 +121,7 @@ void iou_row_default(const Sorted<T>& s, int64_t i, int64_t j0, int64_t len, T* 
   iou_row_body<T>(s.x1.data(), s.y1.data(), s.x2.data(), s.y2.data(), s.area.data(), i, j0, len, out);
 }
 
-#if IOUCTL_PP_AVX2
+#if IOUCTL_AVX2
 template <typename T>
 __attribute__((target("avx2"))) void iou_row_avx2(const Sorted<T>& s, int64_t i, int64_t j0, int64_t len, T* out) {
   iou_row_body<T>(s.x1.data(), s.y1.data(), s.x2.data(), s.y2.data(), s.area.data(), i, j0, len, out);
@@ -152,7 +130,7 @@ __attribute__((target("avx2"))) void iou_row_avx2(const Sorted<T>& s, int64_t i,
 
 template <typename T>
 void iou_row(const Sorted<T>& s, int64_t i, int64_t j0, int64_t len, T* out) {
-#if IOUCTL_PP_AVX2
+#if IOUCTL_AVX2
   if (cpu_has_avx2()) return iou_row_avx2<T>(s, i, j0, len, out);
 #endif
   iou_row_default<T>(s, i, j0, len, out);
@@ -276,7 +254,7 @@ at::Tensor diou_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, const
 // duplicate) and a +inf term are ignored by the min_ below (std::min semantics keep the running value).
 
 template <typename T>
-IOUCTL_PP_INLINE void matrix_segment_body(const T* __restrict x1, const T* __restrict y1, const T* __restrict x2,
+IOUCTL_ALWAYS_INLINE void matrix_segment_body(const T* __restrict x1, const T* __restrict y1, const T* __restrict x2,
                                           const T* __restrict y2, const T* __restrict area, T* __restrict comp,
                                           double* __restrict decay, int64_t a, int64_t b, bool gaussian,
                                           double sigma) {
@@ -333,7 +311,7 @@ void matrix_segment_default(const Sorted<T>& s, T* comp, double* decay, int64_t 
                          gaussian, sigma);
 }
 
-#if IOUCTL_PP_AVX2
+#if IOUCTL_AVX2
 template <typename T>
 __attribute__((target("avx2"))) void matrix_segment_avx2(const Sorted<T>& s, T* comp, double* decay, int64_t a,
                                                          int64_t b, bool gaussian, double sigma) {
@@ -351,7 +329,7 @@ at::Tensor matrix_impl(const at::Tensor& boxes, const at::Tensor& scores, const 
   const int64_t nseg = s.groups();
   at::parallel_for(0, nseg, group_grain(s.seg), [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
-#if IOUCTL_PP_AVX2
+#if IOUCTL_AVX2
       if (cpu_has_avx2()) {
         matrix_segment_avx2<T>(s, comp.data(), decay.data(), s.seg[g], s.seg[g + 1], gaussian, sigma);
         continue;
@@ -702,9 +680,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_boxes_fusion_cpu(
 
 }  // namespace
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
+IOUCTL_VECTORIZE_END
 
 TORCH_LIBRARY_IMPL(iouctl, CPU, m) {
   m.impl("diou_nms", TORCH_FN(diou_nms_cpu));

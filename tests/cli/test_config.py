@@ -6,6 +6,7 @@ from omegaconf import OmegaConf
 
 from iouctl import config
 from iouctl.errors import ConfigError
+from tests.lanes import sample
 
 # The command whose primary config holds each group.
 GROUP_COMMAND = {
@@ -31,7 +32,7 @@ def test_every_primary_config_composes(command):
     assert "${" not in OmegaConf.to_yaml(cfg)  # fully resolved
 
 
-@pytest.mark.parametrize("group,option", all_options())
+@pytest.mark.parametrize("group,option", sample(all_options(), 2))
 def test_every_option_composes_and_instantiates(group, option):
     cfg = config.compose(GROUP_COMMAND[group], [f"{group}={option}", *EXTRA.get((group, option), [])])
     if group == "experiment":
@@ -69,7 +70,7 @@ def test_experiment_recipe_pins_the_paper_schedule():
     assert cfg.data._target_.endswith("CocoData") and cfg.model.iou_head is True
 
 
-@pytest.mark.parametrize("override,needle", [
+@pytest.mark.parametrize("override,needle", sample([
     ("optim.lr=abc", "'optim.lr'"),
     ("seed=x", "'seed'"),
     ("model.iou_head=maybe", "'model.iou_head'"),
@@ -82,7 +83,7 @@ def test_experiment_recipe_pins_the_paper_schedule():
     ("experiment=nope", "for config group 'experiment'"),
     ("a b", "cannot parse override"),
     ("data=coco", "missing required value(s) data.root"),
-])
+], 2))
 def test_bad_overrides_give_one_line(override, needle):
     with pytest.raises(ConfigError) as info:
         config.compose("train", override.split(" ") if override != "a b" else ["a b"])

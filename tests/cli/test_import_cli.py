@@ -40,6 +40,7 @@ def test_import_prints_summary_and_how_to_use_it(tmp_path):
     assert not (out / "images" / "JPEGImages" / "a.png").is_symlink()
 
 
+@pytest.mark.slow
 def test_skip_bad_reports_what_was_skipped(tmp_path):
     csv = make_csv(tmp_path / "src")
     with open(csv, "a") as f:

@@ -10,6 +10,7 @@ from iouctl.analysis import evaluate, synthesize_detections
 from iouctl.cli import app
 from iouctl.data import ShapesData
 from iouctl.postprocess.suppression import GreedyNMS, IoUGuidedNMS
+from tests.lanes import sample
 
 runner = CliRunner()
 TINY = ["data.num_train=4", "data.num_val=12", "data.image_size=96", "data.max_size=32"]
@@ -204,11 +205,11 @@ def test_the_grid_is_options_times_sweeps(cache):
     assert arms == ["greedy[cls]@0.5", "greedy[cls]@0.55", "soft-gaussian[cls]", "soft-gaussian[cls] (sigma=0.7)"]
 
 
-@pytest.mark.parametrize("override,message", [
+@pytest.mark.parametrize("override,message", sample([
     ("+grid.greedy.sigma=[0.1]", "grid.greedy.sigma: nms option greedy has no key sigma"),
     ("grid.greedy.iou_threshold=[1.5]", "grid.greedy.iou_threshold=1.5 is not valid; valid: a finite number in [0, 1]"),
     ("+grid.nope={}", "nms option 'nope' is not in conf/nms/"),
-])
+], 2))
 def test_a_bad_grid_is_one_line_before_a_run_folder(cache, override, message):
     r = runner.invoke(app, ["nms-ablate", "--synthetic", override, *TINY, f"paths.runs_dir={cache / 'runs'}"])
     assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.output, r.output

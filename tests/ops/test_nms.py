@@ -26,6 +26,7 @@ from iouctl.ops.nms import (
 )
 from tests.box_loops import NP, loop_kernel_iou, numpy_rows
 from tests.ops.common import DTYPES, IMPLS, clustered, require_library
+from tests.lanes import sample
 
 _built = require_library("nms")
 
@@ -259,7 +260,7 @@ def _with_degenerate_leaders(boxes, scores):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("method", ["linear", "gaussian"])
+@pytest.mark.parametrize("method", sample(["linear", "gaussian"], 2))
 def test_soft_nms_many_blocks(dtype, method):
     # The kernel visits only blocks of 64 boxes (Morton order) whose rectangle meets the selected box; the reference
     # and the loop scan everything, so equality here checks that the skipping is exact.
@@ -522,12 +523,12 @@ def test_noncontiguous_boxes_work():
     assert torch.equal(keep, want[0]) and torch.equal(cluster, want[1])
 
 
-@pytest.mark.parametrize("op,args", [
+@pytest.mark.parametrize("op,args", sample([
     ("iou_guided_nms", lambda b, s, c: (b, s, s.flip(0), 0.5)),
     ("batched_iou_guided_nms", lambda b, s, c: (b, s, s.flip(0), c, 0.5)),
     ("soft_nms", lambda b, s, c: (b, s, "gaussian", 0.5, 0.3, 0.001)),
     ("batched_soft_nms", lambda b, s, c: (b, s, c, "linear", 0.5, 0.3, 0.001)),
-])
+], 2))
 def test_opcheck(op, args):
     nms(torch.rand(2, 4), torch.rand(2), 0.5)  # loads the library and registers the fake kernels
     boxes, scores, _, cls = clustered(40, 4, torch.float32, seed=13, n_classes=2, with_ious=True)

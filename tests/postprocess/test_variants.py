@@ -15,6 +15,7 @@ from iouctl.ops import postprocess as ops
 from iouctl.postprocess.suppression import GreedyNMS, Kept, NoPredictedIoU
 from iouctl.postprocess.suppression import KeptBoxes
 from iouctl.postprocess.variants import BoxVoting, ClusterNMS, DIoUNMS, MatrixNMS, WeightedBoxesFusion
+from tests.lanes import sample
 
 OPTIONS = {"diou": DIoUNMS, "matrix": MatrixNMS, "cluster": ClusterNMS, "box_voting": BoxVoting,
            "wbf": WeightedBoxesFusion}
@@ -72,7 +73,7 @@ def test_option_file_builds_its_arm_with_the_documented_defaults(option):
     assert arm.name and not arm.needs_iou
 
 
-@pytest.mark.parametrize("override,match", [
+@pytest.mark.parametrize("override,match", sample([
     ("nms=diou nms.beta=0", "nms.beta=0.0 is not valid"),
     ("nms=matrix nms.kernel=box", "nms.kernel=box is not valid; valid: one of gaussian, linear"),
     ("nms=cluster nms.weight_threshold=1.5", "nms.weight_threshold=1.5 is not valid"),
@@ -80,7 +81,7 @@ def test_option_file_builds_its_arm_with_the_documented_defaults(option):
     ("nms=box_voting nms.vote_threshold=0", "nms.vote_threshold=0.0 is not valid"),
     ("nms=wbf nms.conf_type=box_and_model_avg", "nms.conf_type=box_and_model_avg is not valid"),
     ("nms=wbf nms.cls_weight=0.5", "unknown config key 'nms.cls_weight'"),
-])
+], 2))
 def test_bad_values_are_refused_at_composition(override, match):
     with pytest.raises(IouctlError, match=match) as e:
         config.compose("nms-ablate", override.split())
