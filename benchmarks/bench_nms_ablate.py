@@ -19,6 +19,11 @@ keys, errors, calibration and oracle rows), else the script exits 1.
 
     .venv/bin/python benchmarks/bench_nms_ablate.py --coco --images 500 --workers 1 2 [--json out.json]
     .venv/bin/python benchmarks/bench_nms_ablate.py --builtin --workers 1 2
+    .venv/bin/python benchmarks/bench_nms_ablate.py --coco --images 5000 --workers 2 --work W 'analyses=[]'
+
+Trailing arguments are nms-ablate overrides (``analyses=[]``: the grid without errors, calibration and oracles).
+With --work, a COCO-sized split already written there with the same settings is reused. Each run also reports the
+machine's load average before and after it (the CPU seconds are the figures to compare on a shared machine).
 """
 
 from __future__ import annotations
@@ -42,8 +47,15 @@ COMPARED = ("baseline", "num_detections", "arms", "correlation_before_nms", "ap_
 
 
 def coco_split(work: Path, images: int, per_image: float, per_gt: int, classes: int, seed: int = 0) -> Path:
-    """Write the COCO-sized dataset (data.root = `work`/data) and its raw detections; returns the .npz path."""
+    """Write the COCO-sized dataset (data.root = `work`/data) and its raw detections; returns the .npz path. A split
+    already written there with the same settings is reused."""
     from bench_analyses import coco_like
+
+    stamp = work / "split.json"
+    settings = {"images": images, "per_image": per_image, "per_gt": per_gt, "classes": classes, "seed": seed}
+    if stamp.is_file() and json.loads(stamp.read_text()) == settings and (work / "val.npz").is_file():
+        print(f"COCO-sized split: reusing {work} ({settings})")
+        return work / "val.npz"
 
     from iouctl.analysis import synthesize_detections
 
@@ -63,6 +75,7 @@ def coco_split(work: Path, images: int, per_image: float, per_gt: int, classes: 
     (root / "annotations" / "train.json").write_text(json.dumps(train))
     path = work / "val.npz"
     dets.save(path)
+    stamp.write_text(json.dumps(settings))
     print(f"COCO-sized split: {images} images, {len(g.keys)} objects ({objects:.1f} per image), {classes} classes, "
           f"{len(dets)} raw detections ({len(dets) / images:.0f} per image: {per_gt} per object + "
           f"{background:.0f} background)")
@@ -108,6 +121,7 @@ def run_cli(args: list[str], runs_dir: Path) -> dict:
     cmd = [sys.executable, "-c", "import sys; from iouctl.cli import main; sys.argv[0] = 'iouctl'; main()",
            "nms-ablate", *args, f"paths.runs_dir={runs_dir}"]
     samples: list[tuple[float, float, float]] = []
+    load_before = os.getloadavg()
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     done = threading.Event()
@@ -127,7 +141,7 @@ def run_cli(args: list[str], runs_dir: Path) -> dict:
         sys.exit(f"nms-ablate failed ({proc.returncode}):\n{err[-3000:]}")
     (res,) = list(runs_dir.glob("nms-ablate/*/results.json"))
     out = json.loads(res.read_text())
-    return {"results": out, "wall_s": wall, "samples": samples, "start": t0}
+    return {"results": out, "wall_s": wall, "samples": samples, "start": t0, "load": (load_before, os.getloadavg())}
 
 
 def phase_memory(run: dict) -> dict[str, tuple[float, float]]:
@@ -145,15 +159,20 @@ def report(label: str, run: dict) -> dict:
     mem = phase_memory(run)
     peak_pss = max((s[1] for s in run["samples"]), default=float("nan"))
     peak_rss = max((s[2] for s in run["samples"]), default=float("nan"))
-    print(f"\n{label}: {len(res['arms'])} arms, {res['workers']} worker(s); wall {run['wall_s']:.1f} s (process), "
-          f"peak memory of the process tree: PSS {peak_pss:.0f} MiB, RSS sum {peak_rss:.0f} MiB")
+    cpu = sum(p["cpu_s"] for p in res["phases"].values())
+    print(f"\n{label}: {len(res['arms'])} arms, {res['workers']} worker(s), arms evaluated by "
+          f"{res.get('arm_evaluator')}; wall {run['wall_s']:.1f} s (process), CPU {cpu:.1f} s (phases, from the "
+          f"engine's start); peak memory of the process tree: PSS {peak_pss:.0f} MiB, RSS sum {peak_rss:.0f} MiB; "
+          f"load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in run['load'][0])}, after "
+          f"{'/'.join(f'{x:.1f}' for x in run['load'][1])}")
     print(f"  {'phase':<22}{'wall s':>9}{'CPU s':>9}{'peak PSS MiB':>14}{'peak RSS MiB':>14}")
     for name, p in res["phases"].items():
         print(f"  {name:<22}{p['wall_s']:9.1f}{p['cpu_s']:9.1f}{mem[name][0]:14.0f}{mem[name][1]:14.0f}")
         for sub, q in (p.get("per_arm_phase") or {}).items():
             print(f"    {sub:<20}{q['wall_s']:9.1f}{q['cpu_s']:9.1f}   (summed over arms)")
-    return {"wall_s": run["wall_s"], "peak_pss_mib": peak_pss, "peak_rss_sum_mib": peak_rss,
-            "phases": res["phases"], "phase_peak_mib": mem}
+    return {"wall_s": run["wall_s"], "cpu_s": cpu, "peak_pss_mib": peak_pss, "peak_rss_sum_mib": peak_rss,
+            "phases": res["phases"], "phase_peak_mib": mem, "load_average": run["load"],
+            "arm_evaluator": res.get("arm_evaluator")}
 
 
 def same_results(a: dict, b: dict) -> list[str]:
@@ -167,6 +186,40 @@ def same_results(a: dict, b: dict) -> list[str]:
     return [k for k in COMPARED if sa[k] != sb[k]]
 
 
+def evaluator_ratio(npz: Path, data_root: Path, repeats: int) -> dict:
+    """One arm's evaluation (greedy NMS at 0.5 on the split's raw detections, 100 per image) by faster-coco-eval and
+    by cocoeval_arrays in this process, one thread: median CPU seconds of `repeats`, and whether the metrics are
+    identical."""
+    import statistics
+
+    import torch
+
+    from iouctl.analysis import evaluate, load_gt
+    from iouctl.analysis.cocoeval_arrays import evaluate_arrays, gt_arrays
+    from iouctl.data.detections import Detections
+    from iouctl.postprocess.suppression import GreedyNMS
+
+    torch.set_num_threads(1)
+    g = load_gt(data_root / "annotations" / "val.json")
+    raw = Detections.load(npz)
+    out = GreedyNMS(0.5).keep(raw).apply(raw)
+    g.coco("faster-coco-eval"), gt_arrays(g)  # the ground truth's indexes, built once as nms-ablate does
+    times: dict[str, list[float]] = {"faster-coco-eval": [], "cocoeval-arrays": []}
+    got = {}
+    for _ in range(repeats):
+        for name, fn in (("faster-coco-eval", lambda: evaluate(g, out, backend="faster-coco-eval")),
+                         ("cocoeval-arrays", lambda: evaluate_arrays(g, out))):
+            t = time.process_time()
+            got[name] = fn()
+            times[name].append(time.process_time() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    same = got["faster-coco-eval"] == got["cocoeval-arrays"]
+    print(f"one arm's evaluation ({len(out)} detections after greedy NMS), median CPU s of {repeats}: faster-coco-eval "
+          f"{med['faster-coco-eval']:.2f}, cocoeval-arrays {med['cocoeval-arrays']:.2f} "
+          f"({med['faster-coco-eval'] / med['cocoeval-arrays']:.1f}x); metrics identical: {same}")
+    return {"median_cpu_s": med, "identical": same, "detections": len(out)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--coco", action="store_true", help="the COCO-sized case")
@@ -178,6 +231,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--work", help="folder for the dataset and runs (default: a temporary one)")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--evaluator", type=int, metavar="REPEATS", default=0,
+                    help="with --coco: only time one arm's evaluation, faster-coco-eval vs cocoeval-arrays")
     ap.add_argument("overrides", nargs="*", help="more nms-ablate overrides, e.g. analyses=[]")
     args = ap.parse_args()
     if not (args.coco or args.builtin):
@@ -191,12 +246,17 @@ def main() -> None:
         t = time.perf_counter()
         npz = coco_split(work / "coco", args.images, args.per_image, args.per_gt, args.classes)
         print(f"  (built in {time.perf_counter() - t:.0f} s)")
+        if args.evaluator:
+            out["evaluator"] = evaluator_ratio(npz, work / "coco" / "data", args.evaluator)
+            if args.json:
+                Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+            sys.exit(0 if out["evaluator"]["identical"] else 1)
         cases.append(("coco", [f"run={npz}", "data=coco", f"data.root={work / 'coco' / 'data'}", *args.overrides]))
     failed = False
     for case, cli in cases:
         runs = {}
         for w in args.workers:
-            runs[w] = run_cli([*cli, f"workers={w}"], work / f"runs-{case}-{w}")
+            runs[w] = run_cli([*cli, f"workers={w}"], work / f"runs-{case}-{w}-{time.strftime('%Y%m%d-%H%M%S')}")
             out.setdefault(case, {})[w] = report(f"{case}, workers={w}", runs[w])
         first = args.workers[0]
         for w in args.workers[1:]:

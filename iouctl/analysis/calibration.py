@@ -35,7 +35,7 @@ import numpy as np
 from torch import Tensor
 
 from iouctl.analysis.correlation import _as_f64
-from iouctl.analysis.errors import _Frame, to_jsonable
+from iouctl.analysis.errors import _Frame, _stable_order, to_jsonable
 from iouctl.analysis.groundtruth import GroundTruth, load_gt
 from iouctl.data.detections import Detections
 
@@ -213,9 +213,12 @@ def _lrp(f: _Frame, tau: float, grid: np.ndarray | None) -> LRP:
     m = f.match(tau)
     per_class: dict[int, dict[str, float]] = {}
     ok = ~m.ignored
+    # the detections of each class, score descending, ties by frame order: one sort for every class
+    by_cls = np.flatnonzero(ok)
+    by_cls = by_cls[_stable_order(f.cls[by_cls], -f.score[by_cls])]
+    ends = np.cumsum(np.bincount(f.cls[by_cls], minlength=f.K))
     for k in np.flatnonzero(f.n_gt > 0):
-        sel = np.flatnonzero(ok & (f.cls == k))
-        sel = sel[np.argsort(-f.score[sel], kind="stable")]
+        sel = by_cls[(ends[k - 1] if k else 0):ends[k]]
         s, tp, loss = f.score[sel], m.tp[sel], np.where(m.tp, 1.0 - m.iou, 0.0)[sel]
         n_gt = int(f.n_gt[k])
         ntp = np.r_[0, np.cumsum(tp)]                # prefix sizes 0..n: the detections scoring >= s
@@ -291,6 +294,7 @@ def _calibration(g: GroundTruth, dets: Detections, scores: dict[str, Tensor] | N
     for name, s in scores.items():
         # one geometry for every ranking score (and for the error breakdown, through analyze_arm)
         frame = frame.rescore(dets, s, per_image=False) if frame is not None else _Frame(g, dets, s, max_dets, False)
+        frame.match_all((laece_tau, lrp_tau))  # one kernel call for both
         out[name] = {"reliability": rel[name].to_dict(), "reliability_iou>0.5": rel_fg[name].to_dict(),
                      "laece": _laece(frame, float(laece_tau), edges).to_dict(),
                      "lrp": _lrp(frame, float(lrp_tau), LRP_SCORE_THRESHOLDS).to_dict()}
@@ -313,6 +317,7 @@ def analyze_arm(gt: str | os.PathLike | GroundTruth, dets: Detections, scores: d
     g = load_gt(gt)
     ts = _check_thresholds(iou_thresholds, background_threshold)
     frame = _Frame(g, dets, None, max_dets, per_image=True)
+    frame.match_all(ts)
     errors = [_breakdown(frame, t, float(background_threshold)) for t in ts]
     calib = _calibration(g, dets, scores, true_iou, num_bins, laece_bins, laece_tau, lrp_tau, max_dets, frame)
     return {"errors": errors, "calibration": calib}

@@ -51,7 +51,7 @@ RECALL_THRESHOLDS = np.linspace(0.0, 1.0, int(np.round((1.0 - 0.0) / 0.01)) + 1,
 _CROWD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _crowd(g: GroundTruth) -> tuple[np.ndarray, np.ndarray]:
+def crowd_regions(g: GroundTruth) -> tuple[np.ndarray, np.ndarray]:
     """(keys Tensor[C] sorted, boxes [C, 4] xyxy float64) of the crowd regions, built once per GroundTruth."""
     if g not in _CROWD:
         anns = [a for a in g.dataset["annotations"] if a["iscrowd"]]
@@ -118,16 +118,25 @@ def _index_of(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def _rank_within(group: np.ndarray, *order: np.ndarray) -> np.ndarray:
-    """Rank of each element inside its group, by the keys ``order`` (first key most significant)."""
+    """Rank of each element inside its group, by the keys ``order`` (first key most significant), ties by position."""
     n = len(group)
     rank = np.zeros(n, np.int64)
     if n:
-        o = np.lexsort((*reversed(order), group))
+        o = _stable_order(group, *order)
         g = group[o]
         start = np.r_[True, g[1:] != g[:-1]]
         first = np.flatnonzero(start)
         rank[o] = np.arange(n) - first[np.cumsum(start) - 1]
     return rank
+
+
+def _stable_order(*keys: np.ndarray) -> np.ndarray:
+    """np.lexsort of ``keys`` given most significant first, ties by position: one stable argsort per key, least
+    significant first (the same permutation, several times faster than lexsort on large arrays)."""
+    o = np.argsort(keys[-1], kind="stable")
+    for k in reversed(keys[:-1]):
+        o = o[np.argsort(k[o], kind="stable")]
+    return o
 
 
 class _Frame:
@@ -176,7 +185,7 @@ class _Frame:
         self.p_iou = paired_box_iou_np(self.box[self.p_det], self.gbox[self.p_gt])
         self.p_same = self.gcls[self.p_gt] == self.cls[self.p_det]
         # Crowd regions of the detection's image and class: cocoeval's crowd IoU = intersection / detection area.
-        ckeys, cbox = _crowd(g)
+        ckeys, cbox = crowd_regions(g)
         clo, chi = np.searchsorted(ckeys, key, "left"), np.searchsorted(ckeys, key, "right")
         cdet = np.repeat(np.arange(n), chi - clo)
         crowd_iou = paired_box_iou_np(self.box[cdet], cbox[_ranges(clo, chi - clo)], crowd=True)
@@ -187,16 +196,14 @@ class _Frame:
     def _cap(self, s: np.ndarray) -> np.ndarray:
         """The best max_dets of each image (TIDE) or of each image and class (cocoeval), ties to the earlier row."""
         group = self._all_img if self.per_image else self._all_img * self.K + self._all_cls
-        return _rank_within(group, -s, np.arange(self.n_input)) < self.max_dets
+        return _rank_within(group, -s) < self.max_dets
 
     def _rank(self, score: np.ndarray) -> None:
-        """The score-dependent part: matching rounds and the AP order."""
+        """The score-dependent part: the matching order and the AP order."""
         self.score = score
         # Matching order inside each (image, class): score descending, then row (cocoeval's and tidecv's stable
-        # sorts); round r holds the r-th detection of every group.
-        rank = _rank_within(self.img * self.K + self.cls, -score, np.arange(self.n))
-        by_rank = np.argsort(rank, kind="stable")
-        self.rounds = np.split(by_rank, np.cumsum(np.bincount(rank))[:-1]) if self.n else []
+        # sorts).
+        self.rank = _rank_within(self.img * self.K + self.cls, -score)
         # AP order: score descending, then image, then row (cocoeval's mergesort over per-image lists).
         self.ap_order = np.argsort(-score, kind="stable")
         self._matches: dict[float, Matches] = {}
@@ -217,15 +224,56 @@ class _Frame:
         return out
 
     def match(self, iou_threshold: float) -> Matches:
-        if iou_threshold in self._matches:
-            return self._matches[iou_threshold]
-        t = min(iou_threshold, 1 - 1e-10)  # cocoeval's rule: a threshold of 1 still matches IoU 1 - 1e-10
+        """cocoeval's matching at one IoU threshold (cached; ``match_all`` does several in one pass)."""
+        if iou_threshold not in self._matches:
+            self.match_all([iou_threshold])
+        return self._matches[iou_threshold]
+
+    def match_all(self, iou_thresholds: Any) -> None:
+        """Match at every threshold not matched yet, in one call of the coco_match kernel (kernels/coco_eval):
+        per (image, class), detections in rank order take the unused ground truth of best IoU >= t, ties to the later
+        ground truth (cocoeval's ``>=``); an unmatched detection on a crowd region of its class is ignored."""
+        ts = [float(t) for t in iou_thresholds if float(t) not in self._matches]
+        if not ts:
+            return
+        from iouctl.ops import coco_eval
+
+        if not coco_eval.available():  # the kernels did not build (warned once): the same matching in numpy
+            for t in ts:
+                self._matches[t] = self._match_reference(t)
+            return
+        n, G = self.n, len(self.gcls)
+        # pairs with the ground truths of the detection's class, detections grouped by (image, class) in rank order
+        order = _stable_order(self.img * self.K + self.cls, self.rank)
+        key = (self.img * self.K + self.cls)[order]
+        pos = _ranges(self.c_start[order], self.c_cnt[order])
+        group_offsets = np.r_[np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if n else np.zeros(0, np.int64), n]
+        pair_offsets = np.r_[0, np.cumsum(self.c_cnt[order])]
+        # no area ranges, crowd regions apart (crowd_max): nothing ignored inside the kernel
+        match, _ = coco_eval.coco_match(self.p_iou[pos], self.p_gt[pos], pair_offsets, group_offsets,
+                                        np.zeros((1, G), bool), np.zeros(G, bool), np.zeros((1, n), bool),
+                                        np.asarray(ts))
+        for j, t in enumerate(ts):
+            m = np.full(n, -1, np.int64)
+            m[order] = match[0, j]
+            tp = m >= 0
+            gt_of, iou_of = np.full(n, -1, np.int64), np.zeros(n)
+            gt_of[tp], iou_of[tp] = self.p_gt[pos[m[tp]]], self.p_iou[pos[m[tp]]]
+            used = np.zeros(G, bool)
+            used[gt_of[tp]] = True
+            ignored = ~tp & (self.crowd_max >= min(t, 1 - 1e-10))  # cocoeval's rule: a threshold of 1 matches 1 - 1e-10
+            self._matches[t] = Matches(t, tp, ignored, gt_of, iou_of, used)
+
+    def _match_reference(self, iou_threshold: float) -> Matches:
+        """``match`` in numpy, the kernel's reference: round r matches the r-th detection of every (image, class) at
+        once (the rounds of one group are sequential, a ground truth is used once; groups never share one)."""
+        t = min(iou_threshold, 1 - 1e-10)
         n = self.n
         tp, gt_of, iou_of = np.zeros(n, bool), np.full(n, -1, np.int64), np.zeros(n)
         used = np.zeros(len(self.gcls), bool)
-        # Round r matches the r-th detection of every (image, class) at once: the rounds of one group are
-        # sequential (a ground truth is used once), different groups never share a ground truth.
-        for act in self.rounds:
+        by_rank = np.argsort(self.rank, kind="stable")
+        rounds = np.split(by_rank, np.cumsum(np.bincount(self.rank))[:-1]) if n else []
+        for act in rounds:
             act = act[self.c_cnt[act] > 0]
             if not len(act):
                 continue
@@ -233,16 +281,15 @@ class _Frame:
             v = np.where(used[self.p_gt[pos]], -1.0, self.p_iou[pos])
             seg = np.cumsum(self.c_cnt[act]) - self.c_cnt[act]
             mx = np.maximum.reduceat(v, seg)
-            local = np.where(v == np.repeat(mx, self.c_cnt[act]), np.arange(len(v)), len(v))
-            best = pos[np.minimum.reduceat(local, seg)]
+            # the last ground truth of the best IoU (cocoeval's `>=`)
+            local = np.where(v == np.repeat(mx, self.c_cnt[act]), np.arange(len(v)), -1)
+            best = pos[np.maximum.reduceat(local, seg)]
             hit = mx >= t
             d, gi = act[hit], self.p_gt[best[hit]]
             tp[d], gt_of[d], iou_of[d] = True, gi, mx[hit]
             used[gi] = True
         ignored = ~tp & (self.crowd_max >= t)
-        m = Matches(iou_threshold, tp, ignored, gt_of, iou_of, used)
-        self._matches[iou_threshold] = m
-        return m
+        return Matches(iou_threshold, tp, ignored, gt_of, iou_of, used)
 
     def ap(self, keep: np.ndarray, tp: np.ndarray, cls: np.ndarray, n_gt: np.ndarray) -> tuple[float, np.ndarray]:
         """cocoeval's AP of the detections ``keep`` with flags ``tp`` and classes ``cls`` (all [n]) against ``n_gt``
@@ -460,6 +507,7 @@ def coco_ap(
     from iouctl.analysis.coco_eval import IOU_THRESHOLDS, SINGLE_THRESHOLD_KEYS
 
     f = _Frame(load_gt(gt), dets, scores, max_dets, per_image=False)
+    f.match_all(IOU_THRESHOLDS)
     per_t = []
     for t in IOU_THRESHOLDS:
         m = f.match(t)

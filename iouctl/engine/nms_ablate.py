@@ -3,7 +3,9 @@ per arm, TIDE's error breakdown and the calibration of its scores; for the grid,
 
 The arms are independent: with ``workers`` > 1 they run in forked worker processes (one arm per task; the raw
 detections, ground truth, true IoUs and oracle inputs are built once, before the fork, and shared copy-on-write),
-and their results come back in the grid's order, equal to the serial run's."""
+and their results come back in the grid's order, equal to the serial run's. With eval_backend faster-coco-eval the
+arms are evaluated on arrays (iouctl.analysis.cocoeval_arrays: the same numbers bit for bit, results.json
+"arm_evaluator")."""
 from __future__ import annotations
 
 import csv
@@ -23,7 +25,8 @@ from iouctl.analysis import (
     fmt_delta, matched_correlations, oracle_markdown, plot_ap_vs_threshold, plot_dap_heatmap, plot_reliability,
     plot_score_vs_iou, plot_tide_errors, synthesize_detections, true_iou,
 )
-from iouctl.analysis.errors import to_jsonable
+from iouctl.analysis.cocoeval_arrays import evaluate_arrays, gt_arrays
+from iouctl.analysis.errors import crowd_regions, to_jsonable
 from iouctl.analysis.oracle import OracleInputs, oracle_inputs, oracle_report, oracle_row
 from iouctl.data.detections import Detections
 from iouctl.engine.prepare import check_detections_data, dataset_record, ground_truth, prepare_dataset
@@ -89,7 +92,7 @@ def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, grid: list, detecti
 
     t0 = time.perf_counter()
     shared = _Shared(gt, dets, tiou, raw_scores.get("fused"), list(arms), list(names), set(cfg.analyses),
-                     str(cfg.eval_backend), None)
+                     arm_evaluator(str(cfg.eval_backend)), None)
     _warm(shared)
     clock.phase("shared")
     workers = _workers(cfg, len(arms), len(dets))
@@ -125,7 +128,7 @@ def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, grid: list, detecti
                "errors": to_jsonable({n: [e.to_dict() for e in es] for n, es in errors.items()}) if errors else None,
                "calibration": to_jsonable(calibration) if calibration else None,
                "oracle": to_jsonable(oracle.to_dict()) if oracle is not None else None,
-               "workers": workers, "phases": None}
+               "workers": workers, "arm_evaluator": shared.eval_backend, "phases": None}
     _write_outputs(run, rows, summary, corr_before)
     analyses_md = []
     if errors and "errors" in cfg.analyses:
@@ -176,7 +179,7 @@ class _Shared:
     arms: list
     names: list[str]
     analyses: set[str]
-    eval_backend: str
+    eval_backend: str                # evaluate()'s backend, or ARRAYS (arm_evaluator)
     oracle: OracleInputs | None
 
 
@@ -185,14 +188,39 @@ _SHARED: _Shared | None = None  # the workers' view of it (set before the fork)
 
 def _warm(shared: _Shared) -> None:
     """Build once, before any fork, what every arm would otherwise build for itself: the (image, class) groups of
-    the raw detections and of each oracle's copy, the evaluation backend's index of the ground truth, the oracle
-    inputs."""
+    the raw detections and of each oracle's copy, the evaluator's index of the ground truth (and the analyses' one
+    of its crowd regions), the oracle inputs."""
     if "oracle" in shared.analyses:
         shared.oracle = oracle_inputs(shared.gt, shared.dets, true_iou=shared.tiou)
         for d in shared.oracle.dets.values():
             group_ids(d)
     group_ids(shared.dets)
-    shared.gt.coco(shared.eval_backend)
+    if shared.eval_backend == ARRAYS:
+        gt_arrays(shared.gt)
+    else:
+        shared.gt.coco(shared.eval_backend)
+    if {"errors", "calibration", "oracle"} & shared.analyses:
+        crowd_regions(shared.gt)  # the analyses' crowd index
+
+
+# The arms' evaluator when eval_backend is faster-coco-eval: the same numbers bit for bit (the same loops on arrays,
+# iouctl.analysis.cocoeval_arrays; tests/analysis/test_cocoeval_arrays.py), ~6x cheaper per arm at COCO scale.
+ARRAYS = "cocoeval-arrays"
+
+
+def arm_evaluator(backend: str) -> str:
+    """What evaluates the arms for the configured ``eval_backend``: ARRAYS in place of faster-coco-eval where the
+    coco_eval kernels build (else faster-coco-eval itself, after the build's one warning); pycocotools as asked."""
+    if backend == "faster-coco-eval":
+        from iouctl.ops import coco_eval
+
+        if coco_eval.available():
+            return ARRAYS
+    return backend
+
+
+def _evaluate_arm(gt: Any, out: Detections, backend: str) -> dict:
+    return evaluate_arrays(gt, out) if backend == ARRAYS else evaluate(gt, out, backend=backend)
 
 
 # What one worker process adds at its peak, per raw detection and fixed (measured at COCO scale, 1000 raw boxes per
@@ -278,7 +306,7 @@ def _arm(i: int) -> dict:
     kept = arm.keep(dets)
     out = kept.apply(dets)
     lap("nms")
-    metrics = evaluate(sh.gt, out, backend=sh.eval_backend)
+    metrics = _evaluate_arm(sh.gt, out, sh.eval_backend)
     lap("evaluate")
     after_scores = {"cls": dets.scores[kept.index], "reported": kept.scores}
     if dets.has_ious:
