@@ -35,6 +35,9 @@ from iouctl.ops import _extension
 from iouctl.postprocess.suppression import all_scores, group_ids
 
 ARM_PHASES = ("nms", "evaluate", "analyses", "oracle")  # what each arm's task times (results.json "phases")
+# Raw boxes from which the analyses' cost is worth a word: at COCO scale (5,000 images x 1,000 boxes) they took about
+# twice the CPU of the grid itself (docs/benchmarks.md, "nms-ablate at scale")
+LARGE_SPLIT = 1_000_000
 
 
 def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, grid: list, detections: Path | None) -> dict:
@@ -79,6 +82,9 @@ def nms_ablate(cfg: Any, run: Any, data: Any, baseline: Any, grid: list, detecti
                               "predicted IoUs, and these detections come from a model without an IoU head; select "
                               "more cls arms (e.g. methods=[greedy,soft_gaussian] or --score cls) or use detections "
                               "of iou_retina/iou_net")
+    if len(dets) >= LARGE_SPLIT and cfg.analyses:
+        run.console.print(escape(f"analyses={list(cfg.analyses)} cost about twice the grid itself at this size; "
+                                 "analyses=[] runs the grid alone"), style="dim")
     clock.phase("load")
 
     # Correlations of each score with the true IoU, before NMS.

@@ -35,6 +35,20 @@ def _only_run(root):
 
 
 @pytest.mark.slow
+def test_a_large_split_names_the_cost_of_the_analyses(cache, monkeypatch):
+    from iouctl.engine import nms_ablate
+
+    monkeypatch.setattr(nms_ablate, "LARGE_SPLIT", 10)  # the tiny split's few hundred raw boxes count as large
+    base = ["nms-ablate", "--synthetic", "methods=[greedy]", "iou_thresholds=[0.5]", "scores=[cls]", *TINY]
+    hint = "cost about twice the grid itself at this size; analyses=[] runs the grid alone"
+    r = runner.invoke(app, [*base, "analyses=[errors]", f"paths.runs_dir={cache / 'a'}"])
+    assert r.exit_code == 0, r.output
+    assert f"analyses=['errors'] {hint}" in " ".join(r.stderr.split())
+    r = runner.invoke(app, [*base, "analyses=[]", f"paths.runs_dir={cache / 'b'}"])
+    assert r.exit_code == 0 and hint not in " ".join(r.stderr.split()), r.output
+
+
+@pytest.mark.slow
 def test_default_grid_synthetic(cache):
     r = runner.invoke(app, ["nms-ablate", "--synthetic", *TINY, f"paths.runs_dir={cache / 'runs'}",
                             "eval_backend=pycocotools"])
