@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from iouctl.analysis.errors import _index_of, _ranges, _rank_within
+from iouctl.analysis.coco_eval import IOU_THRESHOLDS
+from iouctl.analysis.errors import RECALL_THRESHOLDS as REC_THRS, _index_of, _ranges, _rank_within
 from iouctl.analysis.groundtruth import GroundTruth
 from iouctl.data.detections import Detections
 
-# cocoeval's parameters (faster-coco-eval's Params.setDetParams / pycocotools' Params), built as they build them.
-IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
-REC_THRS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
+# cocoeval's parameters (faster-coco-eval's Params.setDetParams / pycocotools' Params): the IoU and recall
+# thresholds are the ones the rest of iouctl.analysis uses, built as cocoeval builds them.
+IOU_THRS = np.asarray(IOU_THRESHOLDS)
 MAX_DETS = [1, 10, 100]
 AREA_RNG = np.asarray([[0**2, 1e5**2], [0**2, 32**2], [32**2, 96**2], [96**2, 1e5**2]], dtype=np.float64)
 AREA_LBL = ["all", "small", "medium", "large"]

@@ -11,28 +11,26 @@
 
 namespace {
 
-void check(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* name) {
+// `t` checked (a CPU tensor of `dtype` with `dim` dimensions), contiguous
+at::Tensor checked(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "coco_eval: ", name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == dtype, "coco_eval: ", name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.dim() == dim, "coco_eval: ", name, " must have ", dim, " dimension(s), got ", t.dim());
+  return t.contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> coco_match_cpu(const at::Tensor& iou_, const at::Tensor& pair_gt_,
                                                   const at::Tensor& pair_offsets_, const at::Tensor& group_offsets_,
                                                   const at::Tensor& gt_ignore_, const at::Tensor& gt_crowd_,
                                                   const at::Tensor& det_outside_, const at::Tensor& thresholds_) {
-  check(iou_, at::kDouble, 1, "iou");
-  check(pair_gt_, at::kLong, 1, "pair_gt");
-  check(pair_offsets_, at::kLong, 1, "pair_offsets");
-  check(group_offsets_, at::kLong, 1, "group_offsets");
-  check(gt_ignore_, at::kBool, 2, "gt_ignore");
-  check(gt_crowd_, at::kBool, 1, "gt_crowd");
-  check(det_outside_, at::kBool, 2, "det_outside");
-  check(thresholds_, at::kDouble, 1, "thresholds");
-  const auto iou = iou_.contiguous(), pair_gt = pair_gt_.contiguous(), pair_offsets = pair_offsets_.contiguous();
-  const auto group_offsets = group_offsets_.contiguous(), gt_ignore = gt_ignore_.contiguous();
-  const auto gt_crowd = gt_crowd_.contiguous(), det_outside = det_outside_.contiguous();
-  const auto thresholds = thresholds_.contiguous();
+  const auto iou = checked(iou_, at::kDouble, 1, "iou");
+  const auto pair_gt = checked(pair_gt_, at::kLong, 1, "pair_gt");
+  const auto pair_offsets = checked(pair_offsets_, at::kLong, 1, "pair_offsets");
+  const auto group_offsets = checked(group_offsets_, at::kLong, 1, "group_offsets");
+  const auto gt_ignore = checked(gt_ignore_, at::kBool, 2, "gt_ignore");
+  const auto gt_crowd = checked(gt_crowd_, at::kBool, 1, "gt_crowd");
+  const auto det_outside = checked(det_outside_, at::kBool, 2, "det_outside");
+  const auto thresholds = checked(thresholds_, at::kDouble, 1, "thresholds");
   const int64_t P = iou.size(0), D = pair_offsets.size(0) - 1, NG = group_offsets.size(0) - 1;
   const int64_t A = gt_ignore.size(0), G = gt_ignore.size(1), T = thresholds.size(0);
   TORCH_CHECK(pair_gt.size(0) == P, "coco_match: pair_gt and iou differ in length");
@@ -103,14 +101,12 @@ std::tuple<at::Tensor, at::Tensor> coco_accumulate_cpu(const at::Tensor& tp_, co
                                                        const at::Tensor& num_gt_,
                                                        const at::Tensor& recall_thresholds_,
                                                        at::IntArrayRef max_dets) {
-  check(tp_, at::kBool, 3, "tp");
-  check(fp_, at::kBool, 3, "fp");
-  check(class_offsets_, at::kLong, 1, "class_offsets");
-  check(rank_, at::kLong, 1, "rank");
-  check(num_gt_, at::kLong, 2, "num_gt");
-  check(recall_thresholds_, at::kDouble, 1, "recall_thresholds");
-  const auto tp = tp_.contiguous(), fp = fp_.contiguous(), class_offsets = class_offsets_.contiguous();
-  const auto rank = rank_.contiguous(), num_gt = num_gt_.contiguous(), rec = recall_thresholds_.contiguous();
+  const auto tp = checked(tp_, at::kBool, 3, "tp");
+  const auto fp = checked(fp_, at::kBool, 3, "fp");
+  const auto class_offsets = checked(class_offsets_, at::kLong, 1, "class_offsets");
+  const auto rank = checked(rank_, at::kLong, 1, "rank");
+  const auto num_gt = checked(num_gt_, at::kLong, 2, "num_gt");
+  const auto rec = checked(recall_thresholds_, at::kDouble, 1, "recall_thresholds");
   const int64_t A = tp.size(0), T = tp.size(1), D = tp.size(2);
   const int64_t K = class_offsets.size(0) - 1, R = rec.size(0), M = static_cast<int64_t>(max_dets.size());
   TORCH_CHECK(fp.sizes() == tp.sizes(), "coco_accumulate: tp and fp differ in shape");
